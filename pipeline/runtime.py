@@ -1,0 +1,52 @@
+"""Ray start-up and the user-facing error boundary shared by every `ray_jobs/` entrypoint.
+
+Under `ray job submit` RAY_ADDRESS is set and `ray.init()` joins that cluster; on a laptop the same call
+starts an embedded local Ray, so one config runs in both places.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+
+from pipeline.config import ClusterConfig
+from pipeline.errors import DistillError
+
+log = logging.getLogger("ray_distill")
+
+
+def init_ray(cluster: ClusterConfig) -> None:
+    """Join the configured cluster (or RAY_ADDRESS), else start a local one; no-op when Ray is up."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env_vars = {k: str(v) for k, v in cluster.env_vars.items()}
+    local = cluster.address is None and not os.environ.get("RAY_ADDRESS")
+    kwargs = dict(num_cpus=cluster.num_cpus, include_dashboard=False) if local else {}
+    ray.init(address=cluster.address, runtime_env={"env_vars": env_vars}, log_to_driver=True, **kwargs)
+
+
+def unwrap(error: BaseException) -> BaseException:
+    """The DistillError inside a Ray task/actor error, if there is one."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, DistillError):
+            return seen
+        cause = getattr(seen, "cause", None)
+        seen = cause if isinstance(cause, BaseException) else seen.__cause__
+    return error
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Print a DistillError as its one sentence and exit 2, instead of a traceback from a worker."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - this is the boundary that turns errors into sentences
+        inner = unwrap(e)
+        if isinstance(inner, DistillError):
+            print(f"error: {inner}", file=sys.stderr)
+            sys.exit(2)
+        raise

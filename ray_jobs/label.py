@@ -1,0 +1,20 @@
+"""Label a corpus with the teacher: top-k soft labels to Parquet.
+
+Local:   python ray_jobs/label.py debug=tiny paths.run_root=/tmp/run
+Cluster: ray job submit --working-dir . -- python ray_jobs/label.py experiment=qwen72b_to_7b
+"""
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from pipeline.label.stage import run
+    from pipeline.runtime import user_errors
+
+    with user_errors():
+        run(cfg)
+
+
+if __name__ == "__main__":
+    main()
