@@ -3,8 +3,13 @@
 Local:   python ray_jobs/label.py debug=tiny paths.run_root=/tmp/run
 Cluster: ray job submit --working-dir . -- python ray_jobs/label.py experiment=qwen72b_to_7b
 """
+import sys
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `pipeline` from a bare --working-dir upload
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -159,7 +159,8 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Manifest":
-        return cls(**{k: v for k, v in data.items() if k != "fingerprint"})
+        names = {f.name for f in fields(cls)}  # extra keys (fingerprint, summary) are informational
+        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 def manifest_path(labels_dir: str | Path) -> Path:

@@ -21,7 +21,8 @@ def build_dataset(stage: LabelStage, prep: PrepareSpec, teacher: TeacherSpec, le
                         batch_size=lab.prepare_batch_size, num_cpus=0.5)
     ds = ds.map_batches(
         TeacherLabeler, fn_constructor_kwargs={"spec": teacher}, batch_format="pyarrow", batch_size=lab.batch_size,
-        concurrency=tuple(lab.concurrency), num_cpus=lab.num_cpus_per_actor, num_gpus=lab.num_gpus_per_actor,
+        compute=ray.data.ActorPoolStrategy(min_size=lab.concurrency[0], max_size=lab.concurrency[1]),
+        num_cpus=lab.num_cpus_per_actor, num_gpus=lab.num_gpus_per_actor,
     )
     return ds.map_batches(write_batch, fn_kwargs={"labels_dir": stage.paths.labels_dir,
                                                   "rejected_dir": stage.paths.rejected_dir},

@@ -119,20 +119,29 @@ def teacher_spec(stage: LabelStage) -> TeacherSpec:
 
 
 def _consume(ds, resumed: int) -> dict[str, Any]:
+    """Drive the dataset to the end, with a progress bar; tokens/s both overall and in steady state
+    (first write to last, which leaves out engine start-up — what a long run converges to)."""
     from tqdm import tqdm
 
     totals = {"labeled": 0, "rejected": 0, "tokens": 0, "bytes": 0}
+    writes: list[tuple[float, int]] = []
     start = time.perf_counter()
     with tqdm(desc="labeled rows", unit="row", dynamic_ncols=True) as bar:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            stats = {k: batch.column(k).to_pylist() for k in batch.column_names}
             for key in totals:
-                totals[key] += sum(batch.column(key).to_pylist())
-            bar.update(sum(batch.column("labeled").to_pylist()) + sum(batch.column("rejected").to_pylist()))
+                totals[key] += sum(stats[key])
+            writes.extend(zip(stats["written_at"], stats["tokens"]))
+            bar.update(sum(stats["labeled"]) + sum(stats["rejected"]))
             bar.set_postfix(rejected=totals["rejected"], tok_s=f"{totals['tokens'] / (time.perf_counter() - start):.0f}")
     seconds = time.perf_counter() - start
+    writes.sort()
+    span = writes[-1][0] - writes[0][0] if len(writes) > 1 else 0.0
+    steady = sum(t for _, t in writes[1:]) / span if span > 0 else None
     return {
         "this_run": {**totals, "seconds": round(seconds, 2),
-                     "tokens_per_s": round(totals["tokens"] / seconds, 1) if seconds else 0.0},
+                     "tokens_per_s": round(totals["tokens"] / seconds, 1) if seconds else 0.0,
+                     "steady_tokens_per_s": round(steady, 1) if steady else None},
         "resumed_rows": resumed,
     }
 
@@ -162,7 +171,8 @@ def _print_summary(s: dict[str, Any], stage: LabelStage) -> None:
         f"label: rows read {s['rows_read']} = labeled {s['labeled']} + rejected {s['rejected']}"
         f" ({s['resumed_rows']} finished by an earlier run); this run: {run['labeled']} labeled, "
         f"{run['rejected']} rejected, {run['tokens']} tokens scored in {run['seconds']} s "
-        f"({run['tokens_per_s']} tok/s); {s['bytes_per_scored_token']} bytes per scored token on disk\n"
+        f"({run['tokens_per_s']} tok/s overall, {run['steady_tokens_per_s']} tok/s after start-up); "
+        f"{s['bytes_per_scored_token']} bytes per scored token on disk\n"
         f"label: labels in {stage.paths.labels_dir}, rejected rows (with reasons) in {stage.paths.rejected_dir}"
     )
 

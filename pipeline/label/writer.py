@@ -5,6 +5,7 @@ shards; with the (source, line) key in every row that is what makes resume exact
 """
 from __future__ import annotations
 
+import time
 import uuid
 from pathlib import Path
 
@@ -14,11 +15,11 @@ import pyarrow.compute as pc
 from pipeline.data.schema import LABEL_SCHEMA, REJECT_SCHEMA, write_table_atomic
 
 STATS_SCHEMA = pa.schema([("labeled", pa.int64()), ("rejected", pa.int64()), ("tokens", pa.int64()),
-                          ("bytes", pa.int64())])
+                          ("bytes", pa.int64()), ("written_at", pa.float64())])
 
 
 def write_batch(batch: pa.Table, labels_dir: str, rejected_dir: str) -> pa.Table:
-    """LABELED rows in; one stats row out (labeled, rejected, scored tokens, label bytes written)."""
+    """LABELED rows in; one stats row out (labeled, rejected, scored tokens, label bytes, wall-clock time)."""
     name = f"part-{uuid.uuid4().hex}.parquet"
     bad = pc.is_valid(batch.column("reason"))
     good = batch.filter(pc.invert(bad)).select(LABEL_SCHEMA.names).cast(LABEL_SCHEMA)
@@ -30,4 +31,4 @@ def write_batch(batch: pa.Table, labels_dir: str, rejected_dir: str) -> pa.Table
     if rejected.num_rows:
         write_table_atomic(rejected, Path(rejected_dir) / name)
     return pa.table({"labeled": [good.num_rows], "rejected": [rejected.num_rows], "tokens": [tokens],
-                     "bytes": [nbytes]}, schema=STATS_SCHEMA)
+                     "bytes": [nbytes], "written_at": [time.time()]}, schema=STATS_SCHEMA)

@@ -1,0 +1,207 @@
+"""Label-stage benchmark: P1 (vs raw vLLM), P2 (vs a naive transformers loop), P3 (bytes and KL per token).
+
+    python benchmarks/label.py [--rows 256] [--response-tokens 32] [--root /tmp/bench-label]
+
+All three are measured in one run on one machine with one teacher: a random-init Qwen2 with Qwen's
+151,936-token vocabulary (~54M parameters, fp32), greedy decoding so every path does the same work.
+Each measurement runs in its own process so engines never share memory. JSON lines go to stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+TEACHER = dict(tokenizer_vocab_size=512, vocab_size=151_936, hidden_size=320, num_layers=4, num_heads=5,
+               num_kv_heads=1, intermediate_size=1024, seed=0)
+
+
+def overrides(args) -> list[str]:
+    return ["debug=tiny", f"paths.run_root={args.root}", f"data.build.num_rows={args.rows}",
+            f"label.max_response_tokens={args.response_tokens}", "label.sampling.temperature=0",
+            f"label.batch_size={args.batch}", "label.prepare_batch_size=128",
+            *[f"teacher.build.{k}={v}" for k, v in TEACHER.items()]]
+
+
+def compose(args):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return hydra_compose("config", overrides=overrides(args))
+
+
+def prompts(args):
+    """The corpus' prompts as token ids, exactly as the label stage prepares them."""
+    from pipeline.config import label_stage
+    from pipeline.label.prepare import tokenize_row
+    from pipeline.label.reader import parse_row
+    from pipeline.label.stage import prepare_spec, teacher_spec
+
+    stage = label_stage(compose(args))
+    spec = prepare_spec(stage)
+    out = []
+    for line in Path(stage.data.paths[0]).read_bytes().splitlines():
+        row, _ = parse_row(line, "generate")
+        out.append(tokenize_row(row, spec)[0])
+    return stage, teacher_spec(stage), out
+
+
+def part_setup(args) -> dict:
+    from pipeline.config import label_stage
+    from pipeline.label.stage import build_manifest, ensure_corpus
+
+    stage = label_stage(compose(args))
+    ensure_corpus(stage)
+    build_manifest(stage)  # builds the teacher
+    info = json.loads((Path(stage.teacher.name_or_path) / "ray_distill_build.json").read_text())
+    return {"teacher_parameters": info["num_parameters"]}
+
+
+def part_stage(args) -> dict:
+    from pipeline.label.stage import run
+
+    summary = run(compose(args))
+    return summary
+
+
+def part_raw_vllm(args) -> dict:
+    from vllm import LLM
+    from vllm.inputs import TokensPrompt
+
+    from pipeline.label.teacher import _row_seed, engine_kwargs, sampling_params
+
+    stage, spec, ids = prompts(args)
+    llm = LLM(**engine_kwargs(spec))
+    source = stage.data.paths[0]
+    params = [sampling_params(spec, len(p), _row_seed(spec, {"source": source, "line": i})) for i, p in enumerate(ids)]
+    reqs = [TokensPrompt(prompt_token_ids=p) for p in ids]
+    llm.generate(reqs[:4], params[:4], use_tqdm=False)  # warm-up, as the stage's first batch is
+    start = time.perf_counter()
+    outs = llm.generate(reqs, params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    return {"tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds}
+
+
+def part_naive_hf(args) -> dict:
+    """Batched `generate(output_logits=True)` + top-k from the logits: the fair do-it-yourself labeler."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    stage, spec, ids = prompts(args)
+    torch.set_num_threads(os.cpu_count())
+    model = AutoModelForCausalLM.from_pretrained(spec.model, dtype=torch.float32).eval()
+    pad = model.config.pad_token_id or 0
+    tokens = 0
+    start = None
+    for b in range(0, len(ids), args.batch):
+        batch = ids[b:b + args.batch]
+        width = max(map(len, batch))
+        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        if start is None:  # warm-up on the first batch, mirroring the vLLM paths
+            with torch.no_grad():
+                model.generate(input_ids=input_ids[:4], attention_mask=mask[:4], max_new_tokens=2, do_sample=False)
+            start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=spec.max_response_tokens,
+                                 do_sample=False, output_logits=True, return_dict_in_generate=True,
+                                 pad_token_id=pad)
+            for logits in out.logits:  # [B, V] per step
+                torch.log_softmax(logits.float(), -1).topk(spec.k, dim=-1)
+        tokens += (out.sequences.shape[1] - width) * len(batch)
+    seconds = time.perf_counter() - start
+    return {"tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds}
+
+
+def part_kl(args) -> dict:
+    """Codec error of P3 on fp32 reference distributions of the labeled sequences."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.config import label_stage
+    from pipeline.data.schema import stored_kl_error
+    import pyarrow.parquet as pq
+
+    stage = label_stage(compose(args))
+    model = AutoModelForCausalLM.from_pretrained(stage.teacher.name_or_path, dtype=torch.float32).eval()
+    shard = sorted(Path(stage.paths.labels_dir).glob("part-*.parquet"))[0]
+    errs = []
+    for row in pq.read_table(shard).to_pylist()[:16]:
+        p, r = row["prompt_ids"], row["response_ids"]
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([p + r])).logits[0].double(), -1)[len(p) - 1:len(p) + len(r) - 1]
+        top = lp.topk(stage.label.k, dim=-1)
+        errs.append(stored_kl_error(top.indices.numpy(), top.values.numpy()))
+    return {"kl_error_nats": float(np.mean(errs))}
+
+
+PARTS = {"setup": part_setup, "stage": part_stage, "raw_vllm": part_raw_vllm, "naive_hf": part_naive_hf,
+         "kl": part_kl}
+
+
+def run_part(name: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--part", name, "--rows", str(args.rows), "--response-tokens",
+           str(args.response_tokens), "--batch", str(args.batch), "--root", str(args.root)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-5000:])
+        raise SystemExit(f"benchmark part {name} failed")
+    sys.stderr.write(proc.stderr[-1500:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=256)
+    ap.add_argument("--response-tokens", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--root", type=Path, default=Path(os.environ.get("RAY_DISTILL_ROOT", "/tmp/ray-distill")) / "bench-label")
+    ap.add_argument("--part", choices=list(PARTS))
+    args = ap.parse_args()
+    if args.part:
+        print(json.dumps(PARTS[args.part](args), default=str))
+        return
+    import shutil
+
+    shutil.rmtree(args.root / "labels", ignore_errors=True)
+    shutil.rmtree(args.root / "rejected", ignore_errors=True)
+    setup = run_part("setup", args)
+    stage = run_part("stage", args)
+    raw = run_part("raw_vllm", args)
+    naive = run_part("naive_hf", args)
+    kl = run_part("kl", args)
+    run = stage["this_run"]
+    model = {"model": "random-init Qwen2, vocab 151936", "parameters": setup["teacher_parameters"],
+             "rows": args.rows, "response_tokens": args.response_tokens, "batch": args.batch, "k": 20}
+    steady = run["steady_tokens_per_s"]
+    lines = [
+        {"metric": "P1", "name": "label tokens/s vs raw vLLM", "value": round(steady / raw["tok_s"], 3),
+         "goal": ">= 0.90", "unit": "ratio",
+         "detail": {"label_tok_s_steady": steady, "label_tok_s_incl_startup": run["tokens_per_s"],
+                    "label_seconds_incl_startup": run["seconds"], "raw_tok_s": round(raw["tok_s"], 1),
+                    "raw_seconds": round(raw["seconds"], 2), **model}},
+        {"metric": "P2", "name": "label tokens/s vs naive transformers generate+output_logits",
+         "value": round(steady / naive["tok_s"], 3), "goal": ">= 1.8", "unit": "ratio",
+         "detail": {"label_tok_s_steady": steady, "naive_tok_s": round(naive["tok_s"], 1),
+                    "naive_seconds": round(naive["seconds"], 2), **model}},
+        {"metric": "P3", "name": "bytes on disk per scored token at k=20", "value": stage["bytes_per_scored_token"],
+         "goal": "<= 64, KL error <= 1e-3", "unit": "bytes/token",
+         "detail": {"kl_error_nats": kl["kl_error_nats"], "tokens_scored": stage["tokens_scored"],
+                    "plain_int32_fp32_bytes": 160, **model}},
+    ]
+    for line in lines:
+        print(json.dumps(line))
+
+
+if __name__ == "__main__":
+    main()

