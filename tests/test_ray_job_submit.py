@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,21 +23,25 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def ray_head(tmp_path):
+def ray_head():
+    # Ray's socket paths must stay under 107 bytes, so its temp dir cannot live under pytest's tmp_path
+    temp_dir = Path(tempfile.mkdtemp(prefix="rd-ray-"))
     ray_bin = str(Path(sys.executable).with_name("ray"))
     gcs, dash = _free_port(), _free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # Ray 2.60 turns token auth on for new local clusters; say so explicitly so the CLI sends the token
+    env["RAY_AUTH_MODE"] = "token"
     # the job driver runs `python` from PATH: make it this interpreter (the one with the project installed)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
-                    f"--temp-dir={tmp_path / 'ray'}", "--disable-usage-stats"],
+                    f"--temp-dir={temp_dir}", "--disable-usage-stats"],
                    check=True, capture_output=True, env=env, timeout=180)
     try:
         yield ray_bin, f"http://127.0.0.1:{dash}", env
     finally:
         subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env=env, timeout=120)
-        shutil.rmtree(tmp_path / "ray", ignore_errors=True)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_label_job_submitted_to_a_real_head(ray_head, tmp_path):
