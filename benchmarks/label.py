@@ -156,8 +156,7 @@ def run_part(name: str, args) -> dict:
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-5000:])
         raise SystemExit(f"benchmark part {name} failed")
-    sys.stderr.write(proc.stderr[-1500:])
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads((args.root / f"part-{name}.json").read_text())
 
 
 def main() -> None:
@@ -168,11 +167,13 @@ def main() -> None:
     ap.add_argument("--root", type=Path, default=Path(os.environ.get("RAY_DISTILL_ROOT", "/tmp/ray-distill")) / "bench-label")
     ap.add_argument("--part", choices=list(PARTS))
     args = ap.parse_args()
-    if args.part:
-        print(json.dumps(PARTS[args.part](args), default=str))
+    if args.part:  # a file, not stdout: Ray and vLLM also print to stdout
+        result = PARTS[args.part](args)
+        (args.root / f"part-{args.part}.json").write_text(json.dumps(result, default=str))
         return
     import shutil
 
+    args.root.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(args.root / "labels", ignore_errors=True)
     shutil.rmtree(args.root / "rejected", ignore_errors=True)
     setup = run_part("setup", args)
