@@ -27,7 +27,7 @@ def overrides(args) -> list[str]:
     return ["debug=tiny", f"paths.run_root={args.root}", f"data.build.num_rows={args.rows}",
             f"label.max_response_tokens={args.response_tokens}", "label.sampling.temperature=0",
             f"label.batch_size={args.batch}", "label.prepare_batch_size=128",
-            *[f"teacher.build.{k}={v}" for k, v in TEACHER.items()]]
+            *[f"teacher.build.{k}={v}" for k, v in TEACHER.items()], *args.set]
 
 
 def compose(args):
@@ -98,7 +98,7 @@ def part_naive_hf(args) -> dict:
 
     stage, spec, ids = prompts(args)
     torch.set_num_threads(os.cpu_count())
-    model = AutoModelForCausalLM.from_pretrained(spec.model, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(spec.model, dtype=getattr(torch, spec.dtype)).eval()
     pad = model.config.pad_token_id or 0
     tokens = 0
     start = None
@@ -151,7 +151,8 @@ PARTS = {"setup": part_setup, "stage": part_stage, "raw_vllm": part_raw_vllm, "n
 
 def run_part(name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--part", name, "--rows", str(args.rows), "--response-tokens",
-           str(args.response_tokens), "--batch", str(args.batch), "--root", str(args.root)]
+           str(args.response_tokens), "--batch", str(args.batch), "--root", str(args.root),
+           *[f"--set={o}" for o in args.set]]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-5000:])
@@ -166,6 +167,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--root", type=Path, default=Path(os.environ.get("RAY_DISTILL_ROOT", "/tmp/ray-distill")) / "bench-label")
     ap.add_argument("--part", choices=list(PARTS))
+    ap.add_argument("--set", action="append", default=[], help="extra Hydra override, e.g. teacher.dtype=bfloat16")
     args = ap.parse_args()
     if args.part:  # a file, not stdout: Ray and vLLM also print to stdout
         result = PARTS[args.part](args)
