@@ -29,6 +29,7 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/label.py
+	$(BIN)/python benchmarks/train.py
 
 clean:
 	rm -rf $(VENV)

@@ -22,6 +22,8 @@ class PathsConfig:
     data_dir: str
     labels_dir: str
     rejected_dir: str
+    student_dir: str
+    train_storage: str
 
 
 @dataclass
@@ -114,6 +116,81 @@ class LabelStage:
     seed: int = 0
 
 
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
+class TrainConfig:
+    method: str = "lora"
+    num_workers: int = 2
+    cpus_per_worker: float = 1
+    use_gpu: bool = False
+    epochs: int = 1
+    max_steps: int | None = None
+    micro_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    max_seq_len: int = 1024
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: str = "cosine"
+    grad_clip: float = 1.0
+    gradient_checkpointing: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    max_failures: int = 1
+    merge: bool = False
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.method not in ("lora", "full"):
+            raise ConfigError(f"train.method={self.method!r} is not a method; use lora or full.")
+        if self.lr_schedule not in ("constant", "linear", "cosine"):
+            raise ConfigError(f"train.lr_schedule={self.lr_schedule!r}; use constant, linear or cosine.")
+        for name in ("num_workers", "epochs", "micro_batch_size", "gradient_accumulation_steps", "max_seq_len",
+                     "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be at least 1.")
+
+
+@dataclass
+class LossConfig:
+    alpha: float = 0.3
+    temperature: float = 2.0
+    divergence: str = "forward_kl"
+    divergence_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        from pipeline.losses.kd import DIVERGENCES
+
+        if self.divergence not in DIVERGENCES:
+            raise ConfigError(f"loss.divergence={self.divergence!r} is not one of {sorted(DIVERGENCES)}.")
+        if not 0 <= self.alpha <= 1:
+            raise ConfigError(f"loss.alpha={self.alpha} must be in [0, 1].")
+        if self.temperature <= 0:
+            raise ConfigError(f"loss.temperature={self.temperature} must be positive.")
+
+
+@dataclass
+class TrainStage:
+    """Everything the train stage reads, resolved and typed (deepspeed stays a plain dict: it is
+    DeepSpeed's own JSON config, completed with batch sizes and precision from `train`)."""
+
+    paths: PathsConfig
+    cluster: ClusterConfig
+    student: ModelConfig
+    train: TrainConfig
+    loss: LossConfig
+    deepspeed: dict[str, Any]
+    seed: int = 0
+
+
 def to_dataclass(cls: type, data: Any, where: str) -> Any:
     """Build `cls` from a plain dict, recursing into nested dataclasses; one sentence on a bad key."""
     if dataclasses.is_dataclass(data):
@@ -166,4 +243,20 @@ def label_stage(cfg: Any) -> LabelStage:
     stage.label.validate(stage.teacher)
     if not stage.data.paths:
         raise ConfigError("data.paths is empty; list the corpus files (jsonl or Parquet) to label.")
+    return stage
+
+
+def train_stage(cfg: Any) -> TrainStage:
+    plain = resolve(cfg)
+    stage = TrainStage(
+        paths=to_dataclass(PathsConfig, plain["paths"], "paths"),
+        cluster=to_dataclass(ClusterConfig, plain["cluster"], "cluster"),
+        student=to_dataclass(ModelConfig, plain["student"], "student"),
+        train=to_dataclass(TrainConfig, plain["train"], "train"),
+        loss=to_dataclass(LossConfig, plain["loss"], "loss"),
+        deepspeed=dict(plain["deepspeed"]),
+        seed=plain.get("seed", 0),
+    )
+    stage.train.validate()
+    stage.loss.validate()
     return stage

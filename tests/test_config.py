@@ -10,10 +10,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import CONF
-from pipeline.config import label_stage
+from pipeline.config import label_stage, train_stage
 from pipeline.errors import ConfigError
 
-GROUPS = ["paths", "cluster", "teacher", "student", "data", "label"]
+GROUPS = ["paths", "cluster", "teacher", "student", "data", "label", "train", "loss", "deepspeed"]
 
 
 def _options(group: str) -> list[str]:
@@ -35,6 +35,8 @@ def test_every_config_composes_and_validates(override, monkeypatch):
     cfg = _compose(override)
     stage = label_stage(cfg)
     assert stage.paths.labels_dir.startswith(stage.paths.run_root)
+    trained = train_stage(cfg)
+    assert trained.deepspeed["zero_optimization"]["stage"] in (1, 2, 3)
     assert stage.label.k <= stage.label.engine.max_logprobs
     for target, kwargs in _targets(OmegaConf.to_container(cfg, resolve=True)):
         module, name = target.rsplit(".", 1)
@@ -93,7 +95,13 @@ def _sibling_group(lines, i):
     (["label.concurrency=[3,1]"], "label.concurrency"),
     (["+label.batchsize=4"], "unknown key"),
     (["label.max_prompt_tokens=4096"], "leaves no room"),
+    (["train.method=qlora"], "not a method"),
+    (["loss.divergence=kl"], "is not one of"),
+    (["loss.alpha=1.5"], "must be in"),
+    (["train.micro_batch_size=0"], "at least 1"),
 ])
 def test_wrong_config_is_one_clear_sentence(override, message):
     with pytest.raises(ConfigError, match=message):
-        label_stage(_compose("debug=tiny", *override))
+        cfg = _compose("debug=tiny", *override)
+        label_stage(cfg)
+        train_stage(cfg)

@@ -72,9 +72,11 @@ def build_model(
     max_position_embeddings: int = 2048,
     seed: int = 0,
     dtype: str = "float32",
+    initializer_range: float = 0.02,
 ):
     """Random-init Qwen2ForCausalLM saved with its tokenizer. `vocab_size` defaults to the tokenizer's size;
-    a larger one (e.g. Qwen's 151,936) pads the embedding like real Qwen checkpoints do."""
+    a larger one (e.g. Qwen's 151,936) pads the embedding like real Qwen checkpoints do. A larger
+    `initializer_range` gives a random model peaked next-token distributions, closer to a trained one's."""
     import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
@@ -92,6 +94,7 @@ def build_model(
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.pad_token_id,
         torch_dtype=dtype,
+        initializer_range=initializer_range,
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config).to(getattr(torch, dtype))

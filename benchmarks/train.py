@@ -1,0 +1,142 @@
+"""Train-stage benchmark: P4 (Ray Train + DeepSpeed vs a plain torch loop) and P5 (KD step vs CE step).
+
+    python benchmarks/train.py [--rows 256] [--steps 40] [--root /tmp/bench-train]
+
+One run, one machine, one student (a 4-layer, 256-wide Qwen2 on the tiny tokenizer, full fine-tune, fp32),
+the same labels (written by the label stage from the tiny teacher) and the same global batch. Each part runs
+in its own process. JSON lines go to stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import parts  # noqa: E402
+
+STUDENT = dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=768, seed=1)
+WORKERS, MICRO = 2, 8
+
+
+def overrides(args) -> list[str]:
+    return ["debug=tiny", f"paths.run_root={args.root}", f"data.build.num_rows={args.rows}",
+            "label.max_response_tokens=48", "train.method=full", f"train.num_workers={WORKERS}",
+            f"train.micro_batch_size={MICRO}", f"train.max_steps={args.steps}", "train.epochs=100",
+            f"train.checkpoint_every={args.steps}", "train.lr=1e-4",
+            *[f"student.build.{k}={v}" for k, v in STUDENT.items()]]
+
+
+def compose(args):
+    return parts.compose(overrides(args))
+
+
+def part_labels(args) -> dict:
+    from pipeline.label.stage import run
+
+    return run(compose(args))
+
+
+def part_ray_train(args) -> dict:
+    from pipeline.train.stage import run
+
+    run(compose(args))
+    records = [json.loads(x) for x in (args.root / "student" / "metrics.jsonl").read_text().splitlines()]
+    steady = records[5:]  # leave out start-up steps (process group, first batches, allocator warm-up)
+    return {"tok_s": sum(r["tokens_per_s"] for r in steady) / len(steady), "steps": len(records)}
+
+
+def _plain_batches(args, n: int):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.config import train_stage
+    from pipeline.train.batches import REQUIRED_COLUMNS, collate
+
+    stage = train_stage(compose(args))
+    shards = sorted(Path(stage.paths.labels_dir).glob("part-*.parquet"))
+    table = pa.concat_tables([pq.read_table(s, columns=REQUIRED_COLUMNS) for s in shards])
+    size = WORKERS * MICRO  # the same global batch as the Ray Train run
+    out = []
+    for i in range(n):
+        rows = table.slice((i * size) % max(1, table.num_rows - size), size).to_pydict()
+        out.append(collate(rows, k=20, max_seq_len=stage.train.max_seq_len, pad_id=0))
+    return stage, out
+
+
+def part_plain(args, alpha: float | None = None) -> dict:
+    """A single-process torch loop: same model, batch, loss and optimizer, all cores."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.losses.kd import distillation_loss
+
+    torch.set_num_threads(os.cpu_count())
+    stage, batches = _plain_batches(args, args.steps)
+    model = AutoModelForCausalLM.from_pretrained(stage.student.name_or_path, dtype=torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    loss_cfg = {"alpha": stage.loss.alpha if alpha is None else alpha, "temperature": stage.loss.temperature,
+                "divergence": stage.loss.divergence}
+    tokens, seconds = 0, 0.0
+    for i, b in enumerate(batches):
+        start = time.perf_counter()
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+        loss = distillation_loss(logits, b["labels"], b["loss_mask"], b["teacher_ids"], b["teacher_logprobs"],
+                                 b["teacher_tail"], **loss_cfg)["loss"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        if i >= 5:
+            seconds += time.perf_counter() - start
+            tokens += int(b["loss_mask"].sum())
+    return {"tok_s": tokens / seconds, "step_s": seconds / (len(batches) - 5),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+PARTS = {"labels": part_labels, "ray_train": part_ray_train, "plain": part_plain,
+         "plain_ce": lambda a: part_plain(a, alpha=1.0)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--root", type=Path, default=Path(os.environ.get("RAY_DISTILL_ROOT", "/tmp/ray-distill")) / "bench-train")
+    ap.add_argument("--part", choices=list(PARTS))
+    args = ap.parse_args()
+    if args.part:
+        parts.write_part(args.root, args.part, PARTS[args.part](args))
+        return
+    import shutil
+
+    args.root.mkdir(parents=True, exist_ok=True)
+    for sub in ("student", "train"):
+        shutil.rmtree(args.root / sub, ignore_errors=True)
+    if not (args.root / "labels" / "manifest.json").exists():
+        parts.run_part(__file__, "labels", args.root)
+    ray_train = parts.run_part(__file__, "ray_train", args.root)
+    plain = parts.run_part(__file__, "plain", args.root)
+    ce = parts.run_part(__file__, "plain_ce", args.root)
+    detail = {"student": STUDENT, "workers": WORKERS, "micro_batch": MICRO, "global_batch": WORKERS * MICRO,
+              "steps": args.steps, "deepspeed": "zero2", "dtype": "float32", "k": 20}
+    print(json.dumps({"metric": "P4", "name": "train tokens/s, Ray Train + DeepSpeed vs plain torch loop",
+                      "value": round(ray_train["tok_s"] / plain["tok_s"], 3), "goal": ">= 0.90", "unit": "ratio",
+                      "detail": {"ray_deepspeed_tok_s": round(ray_train["tok_s"], 1),
+                                 "plain_tok_s": round(plain["tok_s"], 1), **detail}}))
+    print(json.dumps({"metric": "P5", "name": "KD step (top-k sparse KL) vs CE-only step",
+                      "value": round(plain["step_s"] / ce["step_s"], 3), "goal": "<= 1.10", "unit": "ratio",
+                      "detail": {"kd_step_s": round(plain["step_s"], 4), "ce_step_s": round(ce["step_s"], 4),
+                                 "kd_peak_rss_mb": round(plain["peak_rss_mb"]), "ce_peak_rss_mb": round(ce["peak_rss_mb"]),
+                                 **detail}}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""The train stage driver: check the labels against the student, then one Ray Train `TorchTrainer` run.
+
+Everything checkable is checked here before a worker starts: the config, the labels' manifest and
+schema, and that the student's tokenizer is the one the teacher's ids came from. Re-running the same
+config resumes from the newest checkpoint in `paths.train_storage`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from pipeline.config import TrainStage, train_stage
+from pipeline.data.schema import Manifest, read_manifest, validate_labels_table
+from pipeline.errors import LabelsError
+from pipeline.models.load import ensure_model, load_tokenizer_checked, tokenizer_fingerprint
+from pipeline.train.batches import REQUIRED_COLUMNS
+from pipeline.train.worker import WorkerSpec, train_loop
+
+log = logging.getLogger("ray_distill.train")
+
+
+def check_labels_match_student(manifest: Manifest, stage: TrainStage) -> None:
+    """Refuse labels whose token ids mean something else to the student."""
+    tok = tokenizer_fingerprint(load_tokenizer_checked(stage.student, "student"))
+    checks = [("vocabulary", "tokenizer_sha256"), ("chat template", "chat_template_sha256"),
+              ("special tokens", "special_tokens")]
+    for what, key in checks:
+        if tok[key] != getattr(manifest, key):
+            raise LabelsError(
+                f"The labels under {stage.paths.labels_dir} were made with a different tokenizer ({what} differs "
+                f"from the student's {stage.student.name_or_path}); relabel with a teacher that shares the "
+                "student's tokenizer, or pick a matching student.")
+
+
+def label_shards(stage: TrainStage) -> list[str]:
+    shards = sorted(str(p) for p in Path(stage.paths.labels_dir).glob("part-*.parquet"))
+    if not shards:
+        raise LabelsError(f"No label shards in {stage.paths.labels_dir}; run ray_jobs/label.py with the same "
+                          "paths.run_root first.")
+    validate_labels_table(pq.read_schema(shards[0]).empty_table(), shards[0])
+    return shards
+
+
+def run(cfg: Any) -> dict[str, Any]:
+    """Train the student on the labels under the run root; returns the last metrics and output paths."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.runtime import init_ray
+
+    stage = train_stage(cfg)
+    manifest = read_manifest(stage.paths.labels_dir)
+    shards = label_shards(stage)
+    ensure_model(stage.student, "student")
+    check_labels_match_student(manifest, stage)
+    rows = sum(pq.read_metadata(s).num_rows for s in shards)
+    t = stage.train
+    per_worker = rows // t.num_workers
+    if per_worker < t.micro_batch_size:
+        raise LabelsError(f"{rows} labeled rows cannot fill a micro-batch of {t.micro_batch_size} on each of "
+                          f"{t.num_workers} workers; label more rows or lower train.micro_batch_size.")
+    micro_per_epoch = math.ceil(per_worker / t.micro_batch_size)
+    steps = t.epochs * micro_per_epoch // t.gradient_accumulation_steps
+    total_steps = min(steps, t.max_steps) if t.max_steps else steps
+    Path(stage.paths.student_dir).mkdir(parents=True, exist_ok=True)
+    spec = WorkerSpec(
+        student=stage.student.name_or_path, method=t.method, lora=asdict(t.lora), use_gpu=t.use_gpu,
+        micro_batch_size=t.micro_batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
+        max_seq_len=t.max_seq_len, lr=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps,
+        lr_schedule=t.lr_schedule, grad_clip=t.grad_clip, gradient_checkpointing=t.gradient_checkpointing,
+        total_steps=total_steps, micro_per_epoch=micro_per_epoch, checkpoint_every=t.checkpoint_every,
+        k=manifest.k, loss=asdict(stage.loss), deepspeed=stage.deepspeed, student_dir=stage.paths.student_dir,
+        merge=t.merge, seed=t.seed,
+        lineage={"labels_manifest": str(Path(stage.paths.labels_dir) / "manifest.json"),
+                 "labels_fingerprint": manifest.fingerprint(), "student_base": stage.student.name_or_path,
+                 "train": asdict(t), "loss": asdict(stage.loss), "deepspeed": stage.deepspeed},
+    )
+    init_ray(stage.cluster)
+    dataset = ray.data.read_parquet(shards, columns=REQUIRED_COLUMNS)
+    trainer = TorchTrainer(
+        train_loop, train_loop_config=asdict(spec),
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                     resources_per_worker={"CPU": t.cpus_per_worker}),
+        run_config=RunConfig(name="train", storage_path=stage.paths.train_storage,
+                             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+                             failure_config=FailureConfig(max_failures=t.max_failures)),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    curves = plot_losses(Path(stage.paths.student_dir))
+    summary = {"steps": total_steps, "rows": rows, "metrics": result.metrics, "student_dir": stage.paths.student_dir,
+               "loss_plot": str(curves) if curves else None}
+    print(f"train: {total_steps} steps on {rows} labeled rows; student in {stage.paths.student_dir}")
+    return summary
+
+
+def plot_losses(student_dir: Path) -> Path | None:
+    """PNG of total/CE/KD loss per step from metrics.jsonl (the last record of each step wins on resume)."""
+    path = student_dir / "metrics.jsonl"
+    if not path.exists():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_step = {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        by_step[record["step"]] = record
+    steps = sorted(by_step)
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    for ax, key in zip(axes, ("loss", "ce", "kd")):  # one panel each: their scales differ by orders
+        ax.plot(steps, [by_step[s][key] for s in steps])
+        ax.set_title({"loss": "total loss", "ce": "hard-label CE", "kd": "KD divergence"}[key])
+        ax.set_xlabel("optimizer step")
+    fig.tight_layout()
+    out = student_dir / "loss.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

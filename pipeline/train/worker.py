@@ -1,0 +1,204 @@
+"""What each Ray Train worker runs: the student under DeepSpeed, fed sparse soft labels from Ray Data.
+
+The worker receives a plain `WorkerSpec` (no DictConfig). DeepSpeed owns ZeRO partitioning, gradient
+accumulation, clipping and checkpoint shards; Ray Train owns the process group, the data shard, metric
+reports, checkpoint storage and restarts. Resume = DeepSpeed's checkpoint (weights, optimizer, scheduler,
+step) plus skipping the micro-batches that step had consumed in its epoch.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class WorkerSpec:
+    student: str
+    method: str
+    lora: dict[str, Any]
+    use_gpu: bool
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    max_seq_len: int
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    lr_schedule: str
+    grad_clip: float
+    gradient_checkpointing: bool
+    total_steps: int
+    micro_per_epoch: int
+    checkpoint_every: int
+    k: int
+    loss: dict[str, Any]
+    deepspeed: dict[str, Any]
+    student_dir: str
+    merge: bool
+    seed: int
+    lineage: dict[str, Any] = field(default_factory=dict)
+
+
+def lr_lambda(step: int, warmup: int, total: int, schedule: str) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def deepspeed_config(spec: WorkerSpec) -> dict[str, Any]:
+    """The conf/deepspeed file completed with what the train config decides (one source for each value)."""
+    return {
+        **spec.deepspeed,
+        "train_micro_batch_size_per_gpu": spec.micro_batch_size,
+        "gradient_accumulation_steps": spec.gradient_accumulation_steps,
+        "gradient_clipping": spec.grad_clip,
+        "bf16": {"enabled": spec.use_gpu},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_student(spec: WorkerSpec):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if spec.use_gpu else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(spec.student, dtype=dtype)
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    if spec.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(
+            r=spec.lora["r"], lora_alpha=spec.lora["alpha"], lora_dropout=spec.lora["dropout"],
+            target_modules=list(spec.lora["target_modules"]), task_type="CAUSAL_LM"))
+    return model
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    spec = WorkerSpec(**config)
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if spec.use_gpu else "cpu")
+    import deepspeed
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from pipeline.losses.kd import distillation_loss
+    from pipeline.train.batches import collate
+
+    torch.manual_seed(spec.seed)
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    model = build_student(spec)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(lr_lambda, warmup=spec.warmup_steps, total=spec.total_steps, schedule=spec.lr_schedule))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(spec), dist_init_required=False)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            engine.load_checkpoint(d, tag="ds")
+    pad = getattr(model.config, "pad_token_id", None) or 0
+    shard = ray.train.get_dataset_shard("train")
+    consumed = engine.global_steps * spec.gradient_accumulation_steps
+    metrics_path = Path(spec.student_dir) / "metrics.jsonl"
+    t0, tokens_since = time.perf_counter(), 0
+    while engine.global_steps < spec.total_steps:
+        epoch, skip = divmod(consumed, spec.micro_per_epoch)
+        batches = shard.iter_batches(batch_size=spec.micro_batch_size, batch_format="numpy", prefetch_batches=2)
+        for i, rows in enumerate(batches):
+            if i < skip:  # consumed before the checkpoint this run resumed from
+                continue
+            batch = collate(rows, k=spec.k, max_seq_len=spec.max_seq_len, pad_id=pad)
+            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            losses = distillation_loss(logits, batch["labels"], batch["loss_mask"], batch["teacher_ids"],
+                                       batch["teacher_logprobs"], batch["teacher_tail"], alpha=spec.loss["alpha"],
+                                       temperature=spec.loss["temperature"], divergence=spec.loss["divergence"],
+                                       **spec.loss["divergence_kwargs"])
+            engine.backward(losses["loss"])
+            boundary = engine.is_gradient_accumulation_boundary()
+            engine.step()
+            consumed += 1
+            tokens_since += int(batch["loss_mask"].sum())
+            if not boundary:
+                continue
+            step = engine.global_steps
+            stats = torch.tensor([losses["loss"].item(), losses["ce"].item(), losses["kd"].item(), tokens_since],
+                                 dtype=torch.float64)
+            dist.all_reduce(stats)
+            world = dist.get_world_size()
+            elapsed = time.perf_counter() - t0
+            metrics = {"step": step, "epoch": epoch, "loss": stats[0].item() / world, "ce": stats[1].item() / world,
+                       "kd": stats[2].item() / world, "lr": scheduler.get_last_lr()[0],
+                       "grad_norm": _float(engine.get_global_grad_norm()), "tokens_per_s": stats[3].item() / elapsed}
+            t0, tokens_since = time.perf_counter(), 0
+            if rank == 0:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+            last = step >= spec.total_steps
+            if step % spec.checkpoint_every == 0 or last:
+                _report_with_checkpoint(engine, metrics)
+            else:
+                ray.train.report(metrics)
+            if last:
+                break
+    _save_student(engine, spec, rank)
+
+
+def _float(x) -> float | None:
+    return None if x is None else float(x)
+
+
+def _report_with_checkpoint(engine, metrics: dict[str, Any]) -> None:
+    """Every rank saves its DeepSpeed shards into its own folder; Ray Train merges them into one checkpoint."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    with tempfile.TemporaryDirectory() as d:
+        engine.save_checkpoint(d, tag="ds")
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+
+
+def _save_student(engine, spec: WorkerSpec, rank: int) -> None:
+    """The student as an HF directory: the adapter (LoRA) or full weights, merged weights on request."""
+    import deepspeed
+
+    module = engine.module
+    stage3 = engine.zero_optimization_stage() == 3
+    ctx = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None) if stage3 else _null()
+    with ctx:
+        if rank != 0:
+            return
+        out = Path(spec.student_dir)
+        module.save_pretrained(out / ("adapter" if spec.method == "lora" else "model"))
+        if spec.method == "lora" and spec.merge:
+            import copy
+
+            copy.deepcopy(module).merge_and_unload().save_pretrained(out / "model")
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(spec.student)
+        for sub in ("adapter", "model"):
+            if (out / sub).exists():
+                tokenizer.save_pretrained(out / sub)
+        (out / "lineage.json").write_text(json.dumps(spec.lineage, indent=2, sort_keys=True))
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
