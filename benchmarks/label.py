@@ -118,12 +118,15 @@ def part_ray_data_llm(args) -> dict:
         return {"tokens": len(row["generated_tokens"]), "done_at": time.time(), "n": top.size}
 
     processor = build_processor(config, preprocess=pre, postprocess=post)
+    wall = time.perf_counter()
     rows = processor(ray.data.from_items([{"ids": p} for p in ids])).take_all()
+    wall = time.perf_counter() - wall
     times = sorted(r["done_at"] for r in rows)
     first_batch = args.batch  # leave out the first batch, as the stage's steady rate does
     span = times[-1] - times[first_batch - 1]
     tokens = sum(r["tokens"] for r in rows) * (len(rows) - first_batch) / len(rows)
-    return {"tokens": tokens, "seconds": span, "tok_s": tokens / span}
+    return {"tokens": tokens, "seconds": span, "tok_s": tokens / span, "wall_s": wall,
+            "tokens_total": sum(r["tokens"] for r in rows)}
 
 
 def part_naive_hf(args) -> dict:
@@ -199,32 +202,40 @@ def main() -> None:
     import shutil
 
     args.root.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(args.root / "labels", ignore_errors=True)
-    shutil.rmtree(args.root / "rejected", ignore_errors=True)
+    for root in (args.root, args.root / "double"):
+        shutil.rmtree(root / "labels", ignore_errors=True)
+        shutil.rmtree(root / "rejected", ignore_errors=True)
+    double = [f"--rows={2 * args.rows}", f"--root={args.root / 'double'}"]
     setup = parts.run_part(__file__, "setup", args.root)
+    parts.run_part(__file__, "setup", args.root / "double", *double)
     stage = parts.run_part(__file__, "stage", args.root)
+    stage2 = parts.run_part(__file__, "stage", args.root / "double", *double)
     raw = parts.run_part(__file__, "raw_vllm", args.root)
     naive = parts.run_part(__file__, "naive_hf", args.root)
-    ray_data_llm = parts.run_part(__file__, "ray_data_llm", args.root)
+    rdl = parts.run_part(__file__, "ray_data_llm", args.root)
+    rdl2 = parts.run_part(__file__, "ray_data_llm", args.root / "double", *double)
     kl = parts.run_part(__file__, "kl", args.root)
-    run = stage["this_run"]
+    run, run2 = stage["this_run"], stage2["this_run"]
+    # Marginal rate: the extra tokens of the 2N-row run over its extra seconds; start-up cancels out.
+    label_tok_s = (run2["tokens"] - run["tokens"]) / (run2["seconds"] - run["seconds"])
+    rdl_tok_s = (rdl2["tokens_total"] - rdl["tokens_total"]) / (rdl2["wall_s"] - rdl["wall_s"])
     model = {"model": "random-init Qwen2, vocab 151936", "parameters": setup["teacher_parameters"],
              "rows": args.rows, "response_tokens": args.response_tokens, "batch": args.batch, "k": 20}
-    steady = run["steady_tokens_per_s"]
     lines = [
-        {"metric": "P1", "name": "label tokens/s vs raw vLLM", "value": round(steady / raw["tok_s"], 3),
+        {"metric": "P1", "name": "label tokens/s vs raw vLLM", "value": round(label_tok_s / raw["tok_s"], 3),
          "goal": ">= 0.90", "unit": "ratio",
-         "detail": {"label_tok_s_steady": steady, "label_tok_s_incl_startup": run["tokens_per_s"],
-                    "label_seconds_incl_startup": run["seconds"], "raw_tok_s": round(raw["tok_s"], 1),
-                    "raw_seconds": round(raw["seconds"], 2),
-                    "ray_data_llm_tok_s_steady": round(ray_data_llm["tok_s"], 1), **model}},
+         "detail": {"label_tok_s_marginal": round(label_tok_s, 1), "label_tok_s_after_first_write":
+                    run2["steady_tokens_per_s"], "label_seconds": [run["seconds"], run2["seconds"]],
+                    "raw_tok_s": round(raw["tok_s"], 1), "raw_seconds": round(raw["seconds"], 2),
+                    "ray_data_llm_tok_s_marginal": round(rdl_tok_s, 1), **model}},
         {"metric": "P2", "name": "label tokens/s vs naive transformers generate+output_logits",
-         "value": round(steady / naive["tok_s"], 3), "goal": ">= 1.8", "unit": "ratio",
-         "detail": {"label_tok_s_steady": steady, "naive_tok_s": round(naive["tok_s"], 1),
+         "value": round(label_tok_s / naive["tok_s"], 3), "goal": ">= 1.8", "unit": "ratio",
+         "detail": {"label_tok_s_marginal": round(label_tok_s, 1), "naive_tok_s": round(naive["tok_s"], 1),
+                    "raw_vllm_vs_naive": round(raw["tok_s"] / naive["tok_s"], 3),
                     "naive_seconds": round(naive["seconds"], 2), **model}},
-        {"metric": "P3", "name": "bytes on disk per scored token at k=20", "value": stage["bytes_per_scored_token"],
+        {"metric": "P3", "name": "bytes on disk per scored token at k=20", "value": stage2["bytes_per_scored_token"],
          "goal": "<= 64, KL error <= 1e-3", "unit": "bytes/token",
-         "detail": {"kl_error_nats": kl["kl_error_nats"], "tokens_scored": stage["tokens_scored"],
+         "detail": {"kl_error_nats": kl["kl_error_nats"], "tokens_scored": stage2["tokens_scored"],
                     "plain_int32_fp32_bytes": 160, **model}},
     ]
     for line in lines:

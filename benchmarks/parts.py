@@ -18,9 +18,10 @@ def compose(overrides: list[str]):
         return hydra_compose("config", overrides=overrides)
 
 
-def run_part(script: str, name: str, root: Path) -> dict:
-    """Run `script` again with this process's arguments plus `--part name`; return what that part wrote."""
-    proc = subprocess.run([sys.executable, script, *sys.argv[1:], "--part", name], cwd=REPO,
+def run_part(script: str, name: str, root: Path, *extra: str) -> dict:
+    """Run `script` again with this process's arguments plus `--part name` (and `extra`, which win over
+    earlier flags); return what that part wrote under `root`."""
+    proc = subprocess.run([sys.executable, script, *sys.argv[1:], *extra, "--part", name], cwd=REPO,
                           capture_output=True, text=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-5000:])
