@@ -14,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import LabelStage, label_stage
@@ -155,8 +156,8 @@ def _totals(stage: LabelStage) -> dict[str, Any]:
             rows += meta.num_rows
             nbytes += shard.stat().st_size
             if column:
-                t = pq.read_table(shard, columns=[column])
-                tokens += sum(len(x) for x in t.column(column).to_pylist())
+                lengths = pc.list_value_length(pq.read_table(shard, columns=[column]).column(column))
+                tokens += pc.sum(lengths).as_py() or 0
         return rows, tokens, nbytes
 
     labeled, tokens, nbytes = count(stage.paths.labels_dir, "response_ids")

@@ -7,6 +7,7 @@ step) plus skipping the micro-batches that step had consumed in its epoch.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -177,7 +178,8 @@ def _save_student(engine, spec: WorkerSpec, rank: int) -> None:
 
     module = engine.module
     stage3 = engine.zero_optimization_stage() == 3
-    ctx = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None) if stage3 else _null()
+    ctx = (deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None) if stage3
+           else contextlib.nullcontext())
     with ctx:
         if rank != 0:
             return
@@ -194,11 +196,3 @@ def _save_student(engine, spec: WorkerSpec, rank: int) -> None:
             if (out / sub).exists():
                 tokenizer.save_pretrained(out / sub)
         (out / "lineage.json").write_text(json.dumps(spec.lineage, indent=2, sort_keys=True))
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
