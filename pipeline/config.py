@@ -24,6 +24,8 @@ class PathsConfig:
     rejected_dir: str
     student_dir: str
     train_storage: str
+    quantized_dir: str
+    eval_dir: str
 
 
 @dataclass
