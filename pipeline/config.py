@@ -149,6 +149,7 @@ class TrainConfig:
     max_failures: int = 1
     merge: bool = False
     seed: int = 0
+    sequence_parallel_size: int = 1
 
     def validate(self) -> None:
         if self.method not in ("lora", "full"):
@@ -156,9 +157,13 @@ class TrainConfig:
         if self.lr_schedule not in ("constant", "linear", "cosine"):
             raise ConfigError(f"train.lr_schedule={self.lr_schedule!r}; use constant, linear or cosine.")
         for name in ("num_workers", "epochs", "micro_batch_size", "gradient_accumulation_steps", "max_seq_len",
-                     "checkpoint_every", "keep_checkpoints"):
+                     "checkpoint_every", "keep_checkpoints", "sequence_parallel_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be at least 1.")
+        if self.num_workers % self.sequence_parallel_size:
+            raise ConfigError(f"train.sequence_parallel_size={self.sequence_parallel_size} must divide "
+                              f"train.num_workers={self.num_workers} (each group of that many workers splits "
+                              "one sequence).")
 
 
 @dataclass

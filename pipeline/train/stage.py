@@ -17,9 +17,10 @@ import pyarrow.parquet as pq
 
 from pipeline.config import TrainStage, train_stage
 from pipeline.data.schema import Manifest, read_manifest, validate_labels_table
-from pipeline.errors import LabelsError
+from pipeline.errors import ConfigError, LabelsError
 from pipeline.models.load import ensure_model, load_tokenizer_checked, tokenizer_fingerprint
 from pipeline.train.batches import REQUIRED_COLUMNS
+from pipeline.train.sequence_parallel import check_heads
 from pipeline.train.worker import WorkerSpec, train_loop
 
 log = logging.getLogger("ray_distill.train")
@@ -36,6 +37,18 @@ def check_labels_match_student(manifest: Manifest, stage: TrainStage) -> None:
                 f"The labels under {stage.paths.labels_dir} were made with a different tokenizer ({what} differs "
                 f"from the student's {stage.student.name_or_path}); relabel with a teacher that shares the "
                 "student's tokenizer, or pick a matching student.")
+
+
+def check_sequence_parallel(stage: TrainStage) -> None:
+    size = stage.train.sequence_parallel_size
+    if size == 1:
+        return
+    from transformers import AutoConfig
+
+    arch = AutoConfig.from_pretrained(stage.student.name_or_path).get_text_config()
+    problem = check_heads(arch.num_attention_heads, arch.num_key_value_heads, size, stage.student.name_or_path)
+    if problem:
+        raise ConfigError(problem)
 
 
 def label_shards(stage: TrainStage) -> list[str]:
@@ -66,7 +79,9 @@ def run(cfg: Any) -> dict[str, Any]:
     if per_worker < t.micro_batch_size:
         raise LabelsError(f"{rows} labeled rows cannot fill a micro-batch of {t.micro_batch_size} on each of "
                           f"{t.num_workers} workers; label more rows or lower train.micro_batch_size.")
-    micro_per_epoch = math.ceil(per_worker / t.micro_batch_size)
+    check_sequence_parallel(stage)
+    # a sequence-parallel group works through every member's micro-batches in turn
+    micro_per_epoch = math.ceil(per_worker / t.micro_batch_size) * t.sequence_parallel_size
     steps = t.epochs * micro_per_epoch // t.gradient_accumulation_steps
     total_steps = min(steps, t.max_steps) if t.max_steps else steps
     Path(stage.paths.student_dir).mkdir(parents=True, exist_ok=True)
@@ -77,7 +92,7 @@ def run(cfg: Any) -> dict[str, Any]:
         lr_schedule=t.lr_schedule, grad_clip=t.grad_clip, gradient_checkpointing=t.gradient_checkpointing,
         total_steps=total_steps, micro_per_epoch=micro_per_epoch, checkpoint_every=t.checkpoint_every,
         k=manifest.k, loss=asdict(stage.loss), deepspeed=stage.deepspeed, student_dir=stage.paths.student_dir,
-        merge=t.merge, seed=t.seed,
+        merge=t.merge, seed=t.seed, sequence_parallel_size=t.sequence_parallel_size,
         lineage={"labels_manifest": str(Path(stage.paths.labels_dir) / "manifest.json"),
                  "labels_fingerprint": manifest.fingerprint(), "student_base": stage.student.name_or_path,
                  "train": asdict(t), "loss": asdict(stage.loss), "deepspeed": stage.deepspeed},

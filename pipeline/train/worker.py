@@ -43,6 +43,7 @@ class WorkerSpec:
     student_dir: str
     merge: bool
     seed: int
+    sequence_parallel_size: int = 1
     lineage: dict[str, Any] = field(default_factory=dict)
 
 
@@ -73,7 +74,8 @@ def build_student(spec: WorkerSpec):
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if spec.use_gpu else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(spec.student, dtype=dtype)
+    # sdpa: the attention Ulysses sequence parallelism wraps (and the fast one on CPU and GPU alike)
+    model = AutoModelForCausalLM.from_pretrained(spec.student, dtype=dtype, attn_implementation="sdpa")
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
@@ -96,39 +98,55 @@ def train_loop(config: dict[str, Any]) -> None:
 
     from pipeline.losses.kd import distillation_loss
     from pipeline.train.batches import collate
+    from pipeline.train import sequence_parallel as sp
 
     torch.manual_seed(spec.seed)
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     model = build_student(spec)
+    sp_size, mpu = spec.sequence_parallel_size, None
+    if sp_size > 1:
+        deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts Ray Train's process group
+        mpu = sp.register(model, sp_size, spec.micro_batch_size)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_lambda, warmup=spec.warmup_steps, total=spec.total_steps, schedule=spec.lr_schedule))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=mpu,
                                            config=deepspeed_config(spec), dist_init_required=False)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             engine.load_checkpoint(d, tag="ds")
+        if rank == 0:
+            print(f"train: resuming from the checkpoint of step {engine.global_steps}", flush=True)
     pad = getattr(model.config, "pad_token_id", None) or 0
     shard = ray.train.get_dataset_shard("train")
     consumed = engine.global_steps * spec.gradient_accumulation_steps
     metrics_path = Path(spec.student_dir) / "metrics.jsonl"
+    data_ranks = dist.get_world_size() // sp_size  # each sequence-parallel group counts once
     t0, tokens_since = time.perf_counter(), 0
     while engine.global_steps < spec.total_steps:
         epoch, skip = divmod(consumed, spec.micro_per_epoch)
         batches = shard.iter_batches(batch_size=spec.micro_batch_size, batch_format="numpy", prefetch_batches=2)
+        if mpu is not None:
+            batches = sp.exchange(batches, mpu.get_sequence_parallel_group(), sp_size)
         for i, rows in enumerate(batches):
             if i < skip:  # consumed before the checkpoint this run resumed from
                 continue
             batch = collate(rows, k=spec.k, max_seq_len=spec.max_seq_len, pad_id=pad)
-            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            if mpu is None:
+                weight = 1.0
+                logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            else:
+                batch = sp.split(batch, mpu.get_sequence_parallel_rank(), sp_size, spec.micro_batch_size)
+                weight = sp.loss_weight(batch["loss_mask"], batch["total_tokens"])
+                logits = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
             losses = distillation_loss(logits, batch["labels"], batch["loss_mask"], batch["teacher_ids"],
                                        batch["teacher_logprobs"], batch["teacher_tail"], alpha=spec.loss["alpha"],
                                        temperature=spec.loss["temperature"], divergence=spec.loss["divergence"],
                                        **spec.loss["divergence_kwargs"])
-            engine.backward(losses["loss"])
+            engine.backward(losses["loss"] * (weight * sp_size))
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
             consumed += 1
@@ -136,14 +154,14 @@ def train_loop(config: dict[str, Any]) -> None:
             if not boundary:
                 continue
             step = engine.global_steps
-            stats = torch.tensor([losses["loss"].item(), losses["ce"].item(), losses["kd"].item(), tokens_since],
-                                 dtype=torch.float64)
+            stats = torch.tensor([losses["loss"].item() * weight, losses["ce"].item() * weight,
+                                  losses["kd"].item() * weight, tokens_since], dtype=torch.float64)
             dist.all_reduce(stats)
-            world = dist.get_world_size()
             elapsed = time.perf_counter() - t0
-            metrics = {"step": step, "epoch": epoch, "loss": stats[0].item() / world, "ce": stats[1].item() / world,
-                       "kd": stats[2].item() / world, "lr": scheduler.get_last_lr()[0],
-                       "grad_norm": _float(engine.get_global_grad_norm()), "tokens_per_s": stats[3].item() / elapsed}
+            metrics = {"step": step, "epoch": epoch, "loss": stats[0].item() / data_ranks,
+                       "ce": stats[1].item() / data_ranks, "kd": stats[2].item() / data_ranks,
+                       "lr": scheduler.get_last_lr()[0], "grad_norm": _float(engine.get_global_grad_norm()),
+                       "tokens_per_s": stats[3].item() / elapsed}
             t0, tokens_since = time.perf_counter(), 0
             if rank == 0:
                 with metrics_path.open("a") as f:
