@@ -1,0 +1,132 @@
+"""The serve stage: deploy the student as a Ray Serve application, print its URL, and (on a local
+embedded Ray) stay up until interrupted, reporting replica changes as autoscaling adds or removes them.
+
+Under `ray job submit` (or with cluster.address) the application outlives the job: the entrypoint deploys,
+waits until it answers, prints the URL and exits; `serve shutdown` or `serve.delete` takes it down.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+from pipeline.errors import DistillError
+from pipeline.serve.app import build_app, llm_config, write_serve_config
+from pipeline.serve.config import serve_stage
+from pipeline.serve.model import resolve_model
+
+
+class ServeError(DistillError):
+    """The application did not come up."""
+
+
+def run(cfg: Any) -> dict[str, Any]:
+    """Deploy the configured student; returns where it is served (after Ctrl-C when blocking)."""
+    from ray import serve
+
+    from pipeline.runtime import init_ray
+
+    stage = serve_stage(cfg)
+    s = stage.serve
+    model = resolve_model(stage)
+    api_key = s.api_key or os.environ.get(s.api_key_env) or None
+    config = llm_config(stage, model, api_key)
+    config_file = write_serve_config(stage, config)
+    address = stage.cluster.address
+    local = address == "local" or (address is None and not os.environ.get("RAY_ADDRESS"))
+    blocking = local if s.blocking is None else s.blocking
+    init_ray(stage.cluster)
+    serve.start(http_options={"host": s.host, "port": s.port})
+    serve.run_many([serve.RunTarget(build_app(config), name=s.app_name, route_prefix=s.route_prefix)],
+                   wait_for_applications_running=False)
+    wait_until_running(s.app_name, s.ready_timeout_s)
+    url = f"http://{_public_host(s.host)}:{s.port}{s.route_prefix.rstrip('/')}"
+    summary = {"url": url, "openai_base_url": f"{url}/v1", "model": s.model_id, "model_path": model.path,
+               "source": model.source, "auth": bool(api_key), "serve_config": str(config_file)}
+    print(f"serve: {model.source} model {model.path} is served as {s.model_id!r} at {url}/v1 "
+          f"(OpenAI-compatible; health at {url}/health; API key {'required' if api_key else 'off'})\n"
+          f"serve: Serve config for `serve run`/`serve deploy` in {config_file}", flush=True)
+    if blocking:
+        watch(s.app_name)
+    return summary
+
+
+def wait_until_running(app: str, timeout_s: float) -> None:
+    """Wait for the application to be RUNNING; one sentence if it fails or never gets there."""
+    from ray import serve
+    from ray.serve.schema import ApplicationStatus
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = serve.status().applications.get(app)
+        if status is not None and status.status == ApplicationStatus.RUNNING:
+            return
+        if status is not None and status.status in (ApplicationStatus.DEPLOY_FAILED, ApplicationStatus.UNHEALTHY):
+            raise ServeError(f"The serve application {app!r} failed to start: {_first_line(status.message)} "
+                             "(the replica's log under the Ray session's logs/serve/ has the details).")
+        if time.monotonic() > deadline:
+            message = _first_line(status.message) if status is not None and status.message else "still deploying"
+            raise ServeError(f"The serve application {app!r} was not running after {timeout_s:.0f} s ({message}); "
+                             "check that the cluster has the CPUs/GPUs serve.num_cpus/num_gpus ask for, or raise "
+                             "serve.ready_timeout_s.")
+        time.sleep(1.0)
+
+
+def replica_counts(app: str) -> dict[str, tuple[int, int]]:
+    """(running, starting) replicas per deployment of `app`."""
+    from ray import serve
+
+    status = serve.status().applications.get(app)
+    if status is None:
+        return {}
+    out = {}
+    for name, d in status.deployments.items():
+        states = d.replica_states
+        out[name] = (states.get("RUNNING", 0), sum(states.get(k, 0) for k in ("STARTING", "UPDATING", "RECOVERING")))
+    return out
+
+
+def watch(app: str, period_s: float = 2.0) -> None:
+    """Stay up until SIGINT/SIGTERM, printing each change in the number of running replicas."""
+    from ray import serve
+
+    stop = {"now": False}
+
+    def _stop(signum, frame):  # noqa: ARG001 - signal handler signature
+        stop["now"] = True
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    last = replica_counts(app)
+    print(f"serve: replicas {_fmt(last)}; Ctrl-C stops serving", flush=True)
+    while not stop["now"]:
+        time.sleep(period_s)
+        now = replica_counts(app)
+        if now != last:
+            print(f"serve: replicas {_fmt(last)} -> {_fmt(now)}", flush=True)
+            last = now
+    print("serve: shutting down", flush=True)
+    serve.delete(app)  # replicas shut their engines down before Ray exits
+    serve.shutdown()
+
+
+def _fmt(counts: dict[str, tuple[int, int]]) -> str:
+    parts = [f"{name}={running}" + (f" (+{starting} starting)" if starting else "")
+             for name, (running, starting) in sorted(counts.items())]
+    return ", ".join(parts) or "none"
+
+
+def _first_line(text: str | None) -> str:
+    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "Error" in ln or "error" in ln]
+    return (errors[-1] if errors else lines[0] if lines else "no message")[:300]
+
+
+def _public_host(host: str) -> str:
+    if host not in ("0.0.0.0", "::"):
+        return host
+    import ray
+
+    return ray.util.get_node_ip_address()
+
