@@ -145,6 +145,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
     checkpoint_every: int = 50
+    report_every: int = 10
     keep_checkpoints: int = 2
     max_failures: int = 1
     merge: bool = False
@@ -157,7 +158,7 @@ class TrainConfig:
         if self.lr_schedule not in ("constant", "linear", "cosine"):
             raise ConfigError(f"train.lr_schedule={self.lr_schedule!r}; use constant, linear or cosine.")
         for name in ("num_workers", "epochs", "micro_batch_size", "gradient_accumulation_steps", "max_seq_len",
-                     "checkpoint_every", "keep_checkpoints", "sequence_parallel_size"):
+                     "checkpoint_every", "report_every", "keep_checkpoints", "sequence_parallel_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be at least 1.")
         if self.num_workers % self.sequence_parallel_size:
@@ -195,6 +196,54 @@ class TrainStage:
     train: TrainConfig
     loss: LossConfig
     deepspeed: dict[str, Any]
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    num_rows: int = 200
+    seed: int = 1_000_003
+    data_path: str | None = None
+    metric: str = "last_number"
+    k: int = 20
+    max_prompt_tokens: int = 1024
+    max_response_tokens: int = 64
+    batch_size: int = 64
+    scorer_batch_size: int = 16
+    latency_requests: int = 8
+    concurrency: tuple[int, int] = (1, 1)
+    num_cpus_per_actor: float = 1
+    num_gpus_per_actor: float = 0
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    baseline_path: str | None = None
+
+    def validate(self, data_seed: int) -> None:
+        if self.metric not in ("last_number", "exact"):
+            raise ConfigError(f"evaluate.metric={self.metric!r} is not a metric; use last_number or exact.")
+        if self.data_path is None and self.seed == data_seed:
+            raise ConfigError(f"evaluate.seed={self.seed} equals the training corpus seed, so the held-out rows "
+                              "would be training rows; pick another evaluate.seed.")
+        for name in ("num_rows", "k", "max_response_tokens", "batch_size", "scorer_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"evaluate.{name}={getattr(self, name)} must be at least 1.")
+        if self.k > self.engine.max_logprobs:
+            raise ConfigError(f"evaluate.k={self.k} is larger than evaluate.engine.max_logprobs="
+                              f"{self.engine.max_logprobs}; lower one or raise the other.")
+        lo, hi = self.concurrency
+        if not 1 <= lo <= hi:
+            raise ConfigError(f"evaluate.concurrency={list(self.concurrency)} must be [min, max] with 1 <= min <= max.")
+
+
+@dataclass
+class EvaluateStage:
+    """Everything the evaluate stage reads: the models come from teacher/student/paths."""
+
+    paths: PathsConfig
+    cluster: ClusterConfig
+    teacher: ModelConfig
+    student: ModelConfig
+    data: DataConfig
+    evaluate: EvalConfig
     seed: int = 0
 
 
@@ -266,4 +315,19 @@ def train_stage(cfg: Any) -> TrainStage:
     )
     stage.train.validate()
     stage.loss.validate()
+    return stage
+
+
+def evaluate_stage(cfg: Any) -> EvaluateStage:
+    plain = resolve(cfg)
+    stage = EvaluateStage(
+        paths=to_dataclass(PathsConfig, plain["paths"], "paths"),
+        cluster=to_dataclass(ClusterConfig, plain["cluster"], "cluster"),
+        teacher=to_dataclass(ModelConfig, plain["teacher"], "teacher"),
+        student=to_dataclass(ModelConfig, plain["student"], "student"),
+        data=to_dataclass(DataConfig, plain["data"], "data"),
+        evaluate=to_dataclass(EvalConfig, plain["evaluate"], "evaluate"),
+        seed=plain.get("seed", 0),
+    )
+    stage.evaluate.validate((stage.data.build or {}).get("seed", stage.seed))
     return stage

@@ -37,6 +37,7 @@ class WorkerSpec:
     total_steps: int
     micro_per_epoch: int
     checkpoint_every: int
+    report_every: int
     k: int
     loss: dict[str, Any]
     deepspeed: dict[str, Any]
@@ -128,7 +129,7 @@ def train_loop(config: dict[str, Any]) -> None:
     t0, tokens_since = time.perf_counter(), 0
     while engine.global_steps < spec.total_steps:
         epoch, skip = divmod(consumed, spec.micro_per_epoch)
-        batches = shard.iter_batches(batch_size=spec.micro_batch_size, batch_format="numpy", prefetch_batches=2)
+        batches = micro_batches(shard, spec.micro_batch_size)
         if mpu is not None:
             batches = sp.exchange(batches, mpu.get_sequence_parallel_group(), sp_size)
         for i, rows in enumerate(batches):
@@ -169,11 +170,24 @@ def train_loop(config: dict[str, Any]) -> None:
             last = step >= spec.total_steps
             if step % spec.checkpoint_every == 0 or last:
                 _report_with_checkpoint(engine, metrics)
-            else:
+            elif step % spec.report_every == 0:  # each report is a barrier across workers: not every step
                 ray.train.report(metrics)
+            if rank == 0 and (step % spec.report_every == 0 or last):
+                print(f"train: step {step}/{spec.total_steps} loss {metrics['loss']:.4f} kd {metrics['kd']:.4f} "
+                      f"{metrics['tokens_per_s']:.0f} tokens/s", flush=True)
             if last:
                 break
     _save_student(engine, spec, rank)
+
+
+def micro_batches(shard, size: int, fetch: int = 16):
+    """The worker's data shard as numpy micro-batches of `size` rows, fetched `fetch` micro-batches at a time:
+    every fetch from a streaming split is a round trip to its coordinator, so fetching one micro-batch at a
+    time would make a small model wait on the network."""
+    for rows in shard.iter_batches(batch_size=size * fetch, batch_format="numpy", prefetch_batches=2):
+        n = len(next(iter(rows.values())))
+        for start in range(0, n, size):
+            yield {key: value[start:start + size] for key, value in rows.items()}
 
 
 def _float(x) -> float | None:
