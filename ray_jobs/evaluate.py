@@ -1,0 +1,25 @@
+"""Evaluate teacher vs student vs quantized student on held-out rows: metrics.json, report.md, plots.
+
+Local:   python ray_jobs/evaluate.py debug=tiny paths.run_root=/tmp/run
+Cluster: ray job submit --working-dir . -- python ray_jobs/evaluate.py experiment=qwen72b_to_7b
+"""
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `pipeline` from a bare --working-dir upload
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from pipeline.evaluate.stage import run
+    from pipeline.runtime import user_errors
+
+    with user_errors():
+        run(cfg)
+
+
+if __name__ == "__main__":
+    main()
