@@ -1,0 +1,63 @@
+"""ray_jobs/run.py: label → train → quantize → evaluate on debug=tiny, then the skip / re-run rules.
+
+One chain run is shared by the tests below (in order): everything runs; the same command again skips every
+stage; a changed train setting re-runs train, quantize and evaluate but not label. The first run also
+evaluates the teacher's own weights as the "baseline": a model identical to the teacher must agree with it
+on (nearly) every token with (nearly) zero KL through the whole vLLM + HF scoring path.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import run_job
+
+STAGES = ("label", "train", "quantize", "evaluate")
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chain")
+    args = ["debug=tiny", f"paths.run_root={root}", f"evaluate.baseline_path={root}/models/tiny-teacher"]
+    return root, args, run_job("run.py", *args)
+
+
+def test_the_chain_runs_every_stage_and_reports(chain):
+    root, _, proc = chain
+    for stage in STAGES:
+        assert f"run: {stage} runs" in proc.stdout
+    metrics = json.loads((root / "eval" / "metrics.json").read_text())
+    models = metrics["models"]
+    assert set(models) == {"teacher", "student", "quantized", "sft_baseline"}
+    assert models["teacher"]["top1_agreement"] == 1.0 and models["teacher"]["kl_to_teacher"] == 0.0
+    same = models["sft_baseline"]  # the teacher's own weights, scored by HF against vLLM's labels
+    assert same["top1_agreement"] >= 0.98 and same["kl_to_teacher"] < 1e-3, same
+    assert models["student"]["kl_to_teacher"] > 10 * max(same["kl_to_teacher"], 1e-4)
+    for r in models.values():
+        assert r["graded"] == 24 and r["latency_ms"] > 0 and r["tokens_per_s"] > 0
+        assert 0 <= r["accuracy"] <= 1 and r["perplexity"] >= 1
+    assert models["teacher"]["parameters"] > 4 * models["student"]["parameters"]
+    report = (root / "eval" / "report.md").read_text()
+    assert "| KD student |" in report and "## Goals" in report
+    for png in ("accuracy_vs_params.png", "latency.png", "train_loss.png"):
+        assert (root / "eval" / png).stat().st_size > 0
+
+
+def test_a_second_run_skips_every_stage(chain):
+    root, args, _ = chain
+    proc = run_job("run.py", *args)
+    for stage in STAGES:
+        assert f"run: {stage} skipped" in proc.stdout
+
+
+def test_a_changed_train_setting_reruns_train_and_downstream_only(chain):
+    root, args, _ = chain
+    labels = (root / "labels" / "manifest.json").stat().st_mtime_ns
+    proc = run_job("run.py", *args, "train.lr=1e-3")
+    assert "run: label skipped" in proc.stdout
+    for stage in STAGES[1:]:
+        assert f"run: {stage} re-runs from scratch" in proc.stdout
+    assert (root / "labels" / "manifest.json").stat().st_mtime_ns == labels
+    lineage = json.loads((root / "student" / "lineage.json").read_text())
+    assert lineage["train"]["lr"] == 1e-3
