@@ -1,0 +1,25 @@
+"""Quantize the trained student (GPTQ 4-bit by default) behind a quality gate, for vLLM to serve.
+
+Local:   python ray_jobs/quantize.py debug=tiny paths.run_root=/tmp/run   (after label.py and train.py)
+Cluster: ray job submit --working-dir . -- python ray_jobs/quantize.py experiment=qwen72b_to_7b quantize.num_gpus=1
+"""
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `pipeline` from a bare --working-dir upload
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from pipeline.quantize.stage import run
+    from pipeline.runtime import user_errors
+
+    with user_errors():
+        run(cfg)
+
+
+if __name__ == "__main__":
+    main()
