@@ -36,7 +36,10 @@ def llm_config(stage: ServeStage, model: ServedModel, api_key: str | None = None
     config: dict[str, Any] = {
         "model_loading_config": {"model_id": s.model_id, "model_source": model.path},
         "engine_kwargs": engine,
-        "deployment_config": {"max_ongoing_requests": s.max_ongoing_requests, "autoscaling_config": autoscaling},
+        # the replica actor takes no CPU of its own: Ray Serve LLM would add 1 to the engine's bundle, and
+        # serve.num_cpus is meant as the whole replica's share (2 one-CPU replicas fit on 2 cores)
+        "deployment_config": {"max_ongoing_requests": s.max_ongoing_requests, "autoscaling_config": autoscaling,
+                              "ray_actor_options": {"num_cpus": 0}},
         "runtime_env": {"env_vars": {k: str(v) for k, v in stage.cluster.env_vars.items()}},
     }
     if s.num_gpus > 0:
@@ -71,7 +74,8 @@ def serve_config(stage: ServeStage, config: dict[str, Any]) -> dict[str, Any]:
     s = stage.serve
     return {"http_options": {"host": s.host, "port": s.port},
             "applications": [{"name": s.app_name, "route_prefix": s.route_prefix, "import_path": IMPORT_PATH,
-                              "args": {"llm_config": config}}]}
+                              "args": {"llm_config": config},
+                              "logging_config": {"enable_access_log": s.access_log}}]}
 
 
 def write_serve_config(stage: ServeStage, config: dict[str, Any]) -> Path:

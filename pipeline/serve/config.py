@@ -50,6 +50,7 @@ class ServeConfig:
     num_gpus: float = 0
     accelerator_type: str | None = None
     max_ongoing_requests: int = 64
+    access_log: bool = True
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
     engine: ServeEngineConfig = field(default_factory=ServeEngineConfig)
     blocking: bool | None = None
@@ -65,7 +66,8 @@ class ServeConfig:
             raise ConfigError(f"serve.autoscaling.initial_replicas={a.initial_replicas} must lie between "
                               "min_replicas and max_replicas.")
         if a.target_ongoing_requests <= 0:
-            raise ConfigError(f"serve.autoscaling.target_ongoing_requests={a.target_ongoing_requests} must be positive.")
+            raise ConfigError(f"serve.autoscaling.target_ongoing_requests={a.target_ongoing_requests} "
+                              "must be positive.")
         if self.max_ongoing_requests < 1:
             raise ConfigError(f"serve.max_ongoing_requests={self.max_ongoing_requests} must be at least 1.")
         if not 0 < self.port < 65536:

@@ -38,8 +38,9 @@ def run(cfg: Any) -> dict[str, Any]:
     blocking = local if s.blocking is None else s.blocking
     init_ray(stage.cluster)
     serve.start(http_options={"host": s.host, "port": s.port})
-    serve.run_many([serve.RunTarget(build_app(config), name=s.app_name, route_prefix=s.route_prefix)],
-                   wait_for_applications_running=False)
+    target = serve.RunTarget(build_app(config), name=s.app_name, route_prefix=s.route_prefix,
+                             logging_config={"enable_access_log": s.access_log})
+    serve.run_many([target], wait_for_applications_running=False)
     wait_until_running(s.app_name, s.ready_timeout_s)
     url = f"http://{_public_host(s.host)}:{s.port}{s.route_prefix.rstrip('/')}"
     summary = {"url": url, "openai_base_url": f"{url}/v1", "model": s.model_id, "model_path": model.path,

@@ -1,0 +1,204 @@
+"""Serve-stage benchmark: P6 (output tokens/s of the Ray Serve endpoint ÷ a standalone vLLM OpenAI server at
+16 concurrent clients) and P6p99 (p99 request latency ratio), with concurrency 1 and 8 in `detail`.
+
+    python benchmarks/serve.py [--duration 20] [--max-tokens 64] [--root /tmp/bench-serve]
+
+Both servers host the same model with the same engine settings on this machine, both stay up for the whole
+run, and the load levels alternate between them (standalone, then Ray Serve, per level), so drift from a
+shared, noisy box hits both alike. The model is a random-init Qwen2 with Qwen's 151,936-token vocabulary
+(~54M parameters, fp32): small enough for CPU, big enough that serving, not HTTP, dominates. Clients are
+the official `openai` AsyncOpenAI, non-streaming chat, `max_tokens` fixed with ignore_eos so every request
+yields the same number of tokens. JSON lines go to stdout, logs to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+MODEL = dict(tokenizer_vocab_size=512, vocab_size=151_936, hidden_size=320, num_layers=4, num_heads=5,
+             num_kv_heads=1, intermediate_size=1024, seed=0)
+# identical engine settings for both servers
+ENGINE = {"gpu_memory_utilization": 0.3, "max_model_len": 2048, "max_num_seqs": 64, "enforce_eager": True,
+          "kv_cache_memory_bytes": 1 << 30}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_model(root: Path) -> Path:
+    from pipeline.models.tiny import build_tiny_model
+
+    out = root / "models" / "bench-student"
+    if not (out / "config.json").exists():
+        build_tiny_model(out_dir=str(out), tokenizer_dir=str(root / "models" / "tokenizer"), **MODEL)
+    return out
+
+
+class Proc:
+    """A server in its own session (so its whole process group can be stopped), its output to a log file."""
+
+    def __init__(self, name: str, args: list[str], log_path: Path, env: dict[str, str]):
+        self.name, self.log_path = name, log_path
+        self.file = log_path.open("w")
+        self.proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=self.file, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def wait_healthy(self, url: str, timeout: float = 600) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"{self.name} exited early; see {self.log_path}")
+            try:
+                if httpx.get(url, timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{self.name} not healthy after {timeout:.0f} s; see {self.log_path}")
+            time.sleep(2)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.file.close()
+
+
+def start_vllm(model: Path, port: int, root: Path) -> Proc:
+    args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+            "--served-model-name", "student", "--host", "127.0.0.1", "--port", str(port),
+            "--gpu-memory-utilization", str(ENGINE["gpu_memory_utilization"]),
+            "--max-model-len", str(ENGINE["max_model_len"]), "--max-num-seqs", str(ENGINE["max_num_seqs"]),
+            "--kv-cache-memory-bytes", str(ENGINE["kv_cache_memory_bytes"]), "--enforce-eager"]
+    return Proc("standalone vLLM", args, root / "vllm.log", {**os.environ})
+
+
+def start_serve(model: Path, port: int, root: Path, num_cpus: float) -> Proc:
+    args = [sys.executable, str(REPO / "ray_jobs" / "serve.py"), f"paths.run_root={root / 'run'}",
+            f"serve.model_path={model}", f"serve.port={port}", f"serve.num_cpus={num_cpus}",
+            "serve.autoscaling.min_replicas=1", "serve.autoscaling.max_replicas=1",
+            f"serve.engine.gpu_memory_utilization={ENGINE['gpu_memory_utilization']}",
+            f"serve.engine.max_model_len={ENGINE['max_model_len']}",
+            f"serve.engine.max_num_seqs={ENGINE['max_num_seqs']}", "serve.engine.enforce_eager=true",
+            f"+serve.engine.extra.kv_cache_memory_bytes={ENGINE['kv_cache_memory_bytes']}"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_DISTILL_API_KEY", "VLLM_API_KEY")}
+    return Proc("Ray Serve", args, root / "serve.log", env)
+
+
+async def load(base: str, concurrency: int, duration: float, max_tokens: int) -> dict:
+    """`concurrency` clients, each sending its next request as soon as the last returns, for `duration` s."""
+    from openai import AsyncOpenAI
+
+    latencies: list[float] = []
+    tokens, failures = 0, 0
+    async with AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=300) as client:
+        stop = time.perf_counter() + duration
+
+        async def client_loop(i: int) -> None:
+            nonlocal tokens, failures
+            n = 0
+            while time.perf_counter() < stop:
+                t = time.perf_counter()
+                try:
+                    r = await client.chat.completions.create(
+                        model="student", messages=[{"role": "user", "content": f"What is {i} + {n}?"}],
+                        max_tokens=max_tokens, temperature=0, extra_body={"ignore_eos": True})
+                    tokens += r.usage.completion_tokens
+                    latencies.append(time.perf_counter() - t)
+                except Exception as e:  # noqa: BLE001 - counted and reported
+                    failures += 1
+                    log(f"request failed: {e!r}")
+                n += 1
+
+        start = time.perf_counter()
+        await asyncio.gather(*[client_loop(i) for i in range(concurrency)])
+        seconds = time.perf_counter() - start
+    latencies.sort()
+
+    def pct(q: float) -> float | None:
+        return round(latencies[min(len(latencies) - 1, int(q * len(latencies)))], 4) if latencies else None
+
+    return {"tok_s": round(tokens / seconds, 1), "requests": len(latencies), "failures": failures,
+            "p50_s": pct(0.5), "p99_s": pct(0.99), "seconds": round(seconds, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, default=Path(os.environ.get("RAY_DISTILL_ROOT", "/tmp")) / "bench-serve")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds of load per level and server")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--levels", default="1,8,16", help="client concurrencies; P6 is read at 16")
+    parser.add_argument("--num-cpus", type=float, default=2, help="CPUs of the Ray Serve replica")
+    args = parser.parse_args()
+    args.root.mkdir(parents=True, exist_ok=True)
+    model = build_model(args.root)
+    vllm_port, serve_port = free_port(), free_port()
+    servers = {"vllm": start_vllm(model, vllm_port, args.root),
+               "serve": start_serve(model, serve_port, args.root, args.num_cpus)}
+    urls = {"vllm": f"http://127.0.0.1:{vllm_port}", "serve": f"http://127.0.0.1:{serve_port}"}
+    try:
+        for name, proc in servers.items():
+            proc.wait_healthy(urls[name] + "/health")
+            log(f"{proc.name} is up at {urls[name]}")
+        for name in servers:  # one warm-up request each
+            asyncio.run(load(urls[name], 1, 0.1, 4))
+        results: dict[int, dict[str, dict]] = {}
+        for level in [int(x) for x in args.levels.split(",")]:
+            results[level] = {}
+            for name in ("vllm", "serve"):
+                results[level][name] = asyncio.run(load(urls[name], level, args.duration, args.max_tokens))
+                log(f"concurrency {level} {name}: {results[level][name]}")
+    finally:
+        for proc in servers.values():
+            proc.stop()
+    report(results, args)
+
+
+def report(results: dict[int, dict[str, dict]], args) -> None:
+    def ratios(level: int) -> dict:
+        r = results[level]
+        return {"tok_s_ratio": round(r["serve"]["tok_s"] / r["vllm"]["tok_s"], 3),
+                "p99_ratio": round(r["serve"]["p99_s"] / r["vllm"]["p99_s"], 3),
+                "ray_serve": r["serve"], "standalone_vllm": r["vllm"]}
+
+    detail = {"per_concurrency": {str(c): ratios(c) for c in results}, "max_tokens": args.max_tokens,
+              "duration_s": args.duration, "model": "random-init Qwen2, 151,936 vocab, ~54M params, fp32",
+              "replica_cpus": args.num_cpus, "engine": ENGINE, "cpus": os.cpu_count(),
+              "failures": sum(r[n]["failures"] for r in results.values() for n in r)}
+    key = 16 if 16 in results else max(results)
+    at = ratios(key)
+    print(json.dumps({"metric": "P6", "name": f"Ray Serve output tokens/s vs standalone vLLM server at {key} clients",
+                      "value": at["tok_s_ratio"], "goal": ">= 0.90", "unit": "ratio", "detail": detail}), flush=True)
+    print(json.dumps({"metric": "P6p99", "name": f"Ray Serve p99 latency vs standalone vLLM server at {key} clients",
+                      "value": at["p99_ratio"], "goal": "<= 1.2", "unit": "ratio",
+                      "detail": {"ray_serve_p99_s": at["ray_serve"]["p99_s"],
+                                 "standalone_p99_s": at["standalone_vllm"]["p99_s"]}}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

