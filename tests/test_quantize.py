@@ -282,3 +282,13 @@ def test_gpu_method_quantizes_and_passes_the_gate(option, run_root, tmp_path):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(root / "quantized", device_map="cuda")
+
+
+def test_heldout_split_is_a_stable_function_of_the_id():
+    from pipeline.quantize.data import is_heldout
+
+    ids = [f"arith-0-{i}" for i in range(2000)]
+    held = [i for i in ids if is_heldout(i, 0.1)]
+    assert 150 < len(held) < 250  # ~10 %
+    assert held == [i for i in ids if is_heldout(i, 0.1)]  # no state, no randomness
+    assert set(held) <= {i for i in ids if is_heldout(i, 0.25)}  # a smaller fraction is a subset

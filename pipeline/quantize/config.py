@@ -6,13 +6,12 @@ asked to fails with one sentence in the driver instead of deep inside GPTQModel 
 from __future__ import annotations
 
 import importlib.util
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import ClusterConfig, PathsConfig, resolve, to_dataclass
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, ModelError
 
 
 @dataclass(frozen=True)
@@ -130,13 +129,18 @@ def missing_packages(method: str) -> list[str]:
     return [name for name in METHODS[method].packages if importlib.util.find_spec(name) is None]
 
 
-def check_group_size(q: QuantizeConfig, model_dir: str | Path) -> None:
+def check_group_size(q: QuantizeConfig, model: str | Path) -> None:
     """GPTQ/AWQ groups run along each linear layer's input dimension, so the group must divide it."""
     if q.method not in ("gptq", "awq") or q.group_size == -1:
         return
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    text = config.get("text_config", config)
-    widths = {"hidden_size": text.get("hidden_size"), "intermediate_size": text.get("intermediate_size")}
+    from transformers import AutoConfig
+
+    try:
+        text = AutoConfig.from_pretrained(str(model)).get_text_config()
+    except (OSError, ValueError) as e:
+        raise ModelError(f"Cannot read the student's config from {model} ({str(e).splitlines()[0][:160]}).") from None
+    widths = {"hidden_size": getattr(text, "hidden_size", None),
+              "intermediate_size": getattr(text, "intermediate_size", None)}
     bad = {k: v for k, v in widths.items() if v and v % q.group_size}
     if bad:
         name, width = next(iter(bad.items()))

@@ -47,8 +47,8 @@ def split_rows(labels_dir: str, fraction: float, max_heldout: int, max_calibrati
         table = pq.read_table(shard, columns=REQUIRED_COLUMNS)
         h = [i for i, m in enumerate(mask) if m][:max(0, want_held)]
         c = [i for i, m in enumerate(mask) if not m][:max(0, want_calib)]
-        held.append(table.take(h))
-        calib.append(table.take(c))
+        held.append(table.take(pa.array(h, pa.int64())))
+        calib.append(table.take(pa.array(c, pa.int64())))
         n_held, n_calib = n_held + len(h), n_calib + len(c)
     if n_held == 0:
         raise LabelsError(f"No labeled row in {labels_dir} falls in the held-out split (quantize.heldout_fraction="

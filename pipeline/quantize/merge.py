@@ -27,6 +27,9 @@ def find_student(student_dir: str) -> tuple[str, Path, str | None]:
         if not base:
             raise ModelError(f"The adapter in {adapter} does not say which base model it belongs to; set "
                              "base_model_name_or_path in its adapter_config.json.")
+        if base.startswith(("/", ".", "~")) and not (Path(base) / "config.json").exists():
+            raise ModelError(f"The LoRA adapter in {adapter} was trained on {base}, which is not there any more; "
+                             "restore that base model (or point student_base in lineage.json at a copy).")
         return "adapter", adapter, base
     raise ModelError(f"No student in {student_dir} (neither model/ nor adapter/); run ray_jobs/train.py with the "
                      "same paths.run_root first.")
