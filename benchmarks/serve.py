@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -156,7 +157,8 @@ def main() -> None:
     parser.add_argument("--num-cpus", type=float, default=2, help="CPUs of the Ray Serve replica")
     args = parser.parse_args()
     args.root.mkdir(parents=True, exist_ok=True)
-    model = build_model(args.root)
+    with contextlib.redirect_stdout(sys.stderr):  # library warnings printed on import stay off the JSON lines
+        model = build_model(args.root)
     vllm_port, serve_port = free_port(), free_port()
     servers = {"vllm": start_vllm(model, vllm_port, args.root),
                "serve": start_serve(model, serve_port, args.root, args.num_cpus)}
