@@ -1,11 +1,11 @@
 """Serve-stage benchmark: P6 (output tokens/s of the Ray Serve endpoint ÷ a standalone vLLM OpenAI server at
 16 concurrent clients) and P6p99 (p99 request latency ratio), with concurrency 1 and 8 in `detail`.
 
-    python benchmarks/serve.py [--duration 20] [--max-tokens 64] [--root /tmp/bench-serve]
+    python benchmarks/serve.py [--duration 24] [--rounds 4] [--max-tokens 64] [--root /tmp/bench-serve]
 
 Both servers host the same model with the same engine settings on this machine, both stay up for the whole
-run, and the load levels alternate between them (standalone, then Ray Serve, per level), so drift from a
-shared, noisy box hits both alike. The model is a random-init Qwen2 with Qwen's 151,936-token vocabulary
+run, and each load level alternates between them in short rounds (standalone, Ray Serve, standalone, ...),
+so drift from a shared, noisy box hits both alike. The model is a random-init Qwen2 with Qwen's 151,936-token vocabulary
 (~54M parameters, fp32): small enough for CPU, big enough that serving, not HTTP, dominates. Clients are
 the official `openai` AsyncOpenAI, non-streaming chat, `max_tokens` fixed with ignore_eos so every request
 yields the same number of tokens. JSON lines go to stdout, logs to stderr.
@@ -140,6 +140,14 @@ async def load(base: str, concurrency: int, duration: float, max_tokens: int) ->
         await asyncio.gather(*[client_loop(i) for i in range(concurrency)])
         seconds = time.perf_counter() - start
     latencies.sort()
+    return {"tokens": tokens, "latencies": latencies, "failures": failures, "seconds": seconds}
+
+
+def merge(rounds: list[dict]) -> dict:
+    """Totals over the rounds of one server at one concurrency."""
+    latencies = sorted(x for r in rounds for x in r["latencies"])
+    tokens, seconds = sum(r["tokens"] for r in rounds), sum(r["seconds"] for r in rounds)
+    failures = sum(r["failures"] for r in rounds)
 
     def pct(q: float) -> float | None:
         return round(latencies[min(len(latencies) - 1, int(q * len(latencies)))], 4) if latencies else None
@@ -151,9 +159,10 @@ async def load(base: str, concurrency: int, duration: float, max_tokens: int) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=Path(os.environ.get("RAY_DISTILL_ROOT", "/tmp")) / "bench-serve")
-    parser.add_argument("--duration", type=float, default=20.0, help="seconds of load per level and server")
+    parser.add_argument("--duration", type=float, default=24.0, help="seconds of load per level and server")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--levels", default="1,8,16", help="client concurrencies; P6 is read at 16")
+    parser.add_argument("--rounds", type=int, default=4, help="alternating rounds the duration is split into")
     parser.add_argument("--num-cpus", type=float, default=2, help="CPUs of the Ray Serve replica")
     args = parser.parse_args()
     args.root.mkdir(parents=True, exist_ok=True)
@@ -167,13 +176,17 @@ def main() -> None:
         for name, proc in servers.items():
             proc.wait_healthy(urls[name] + "/health")
             log(f"{proc.name} is up at {urls[name]}")
-        for name in servers:  # one warm-up request each
-            asyncio.run(load(urls[name], 1, 0.1, 4))
+        for name in servers:  # a few warm-up requests each
+            asyncio.run(load(urls[name], 4, 2, 8))
         results: dict[int, dict[str, dict]] = {}
         for level in [int(x) for x in args.levels.split(",")]:
-            results[level] = {}
-            for name in ("vllm", "serve"):
-                results[level][name] = asyncio.run(load(urls[name], level, args.duration, args.max_tokens))
+            rounds: dict[str, list[dict]] = {"vllm": [], "serve": []}
+            for _ in range(args.rounds):  # alternate short rounds so the box's drift hits both servers alike
+                for name in rounds:
+                    rounds[name].append(asyncio.run(load(urls[name], level, args.duration / args.rounds,
+                                                         args.max_tokens)))
+            results[level] = {name: merge(r) for name, r in rounds.items()}
+            for name in rounds:
                 log(f"concurrency {level} {name}: {results[level][name]}")
     finally:
         for proc in servers.values():
@@ -189,12 +202,13 @@ def report(results: dict[int, dict[str, dict]], args) -> None:
                 "ray_serve": r["serve"], "standalone_vllm": r["vllm"]}
 
     detail = {"per_concurrency": {str(c): ratios(c) for c in results}, "max_tokens": args.max_tokens,
-              "duration_s": args.duration, "model": "random-init Qwen2, 151,936 vocab, ~54M params, fp32",
+              "duration_s": args.duration, "rounds": args.rounds, "model": "random-init Qwen2, 151,936 vocab, ~54M params, fp32",
               "replica_cpus": args.num_cpus, "engine": ENGINE, "cpus": os.cpu_count(),
               "failures": sum(r[n]["failures"] for r in results.values() for n in r)}
     key = 16 if 16 in results else max(results)
     at = ratios(key)
-    print(json.dumps({"metric": "P6", "name": f"Ray Serve output tokens/s vs standalone vLLM server at {key} clients",
+    name = f"Ray Serve output tokens/s vs standalone vLLM server at {key} clients"
+    print(json.dumps({"metric": "P6", "name": name,
                       "value": at["tok_s_ratio"], "goal": ">= 0.90", "unit": "ratio", "detail": detail}), flush=True)
     print(json.dumps({"metric": "P6p99", "name": f"Ray Serve p99 latency vs standalone vLLM server at {key} clients",
                       "value": at["p99_ratio"], "goal": "<= 1.2", "unit": "ratio",
