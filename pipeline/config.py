@@ -151,8 +151,12 @@ class TrainConfig:
     merge: bool = False
     seed: int = 0
     sequence_parallel_size: int = 1
+    heldout_fraction: float = 0.05
+    max_eval_rows: int = 256
 
     def validate(self) -> None:
+        if not 0 <= self.heldout_fraction < 1:
+            raise ConfigError(f"train.heldout_fraction={self.heldout_fraction} must be in [0, 1).")
         if self.method not in ("lora", "full"):
             raise ConfigError(f"train.method={self.method!r} is not a method; use lora or full.")
         if self.lr_schedule not in ("constant", "linear", "cosine"):

@@ -13,9 +13,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import TrainStage, train_stage
+from pipeline.data.split import is_heldout
 from pipeline.data.schema import Manifest, read_manifest, validate_labels_table
 from pipeline.errors import ConfigError, LabelsError
 from pipeline.models.load import ensure_model, load_tokenizer_checked, tokenizer_fingerprint
@@ -37,6 +39,19 @@ def check_labels_match_student(manifest: Manifest, stage: TrainStage) -> None:
                 f"The labels under {stage.paths.labels_dir} were made with a different tokenizer ({what} differs "
                 f"from the student's {stage.student.name_or_path}); relabel with a teacher that shares the "
                 "student's tokenizer, or pick a matching student.")
+
+
+def heldout_rows(shards: list[str], fraction: float, limit: int) -> dict[str, list] | None:
+    """Up to `limit` held-out rows as plain columns (the same rows, in the same order, on every worker)."""
+    kept = []
+    for shard in shards:
+        table = pq.read_table(shard, columns=["id", *REQUIRED_COLUMNS])
+        mask = pa.array([is_heldout(i, fraction) for i in table.column("id").to_pylist()], pa.bool_())
+        kept.append(table.filter(mask).drop_columns(["id"]))
+        if sum(k.num_rows for k in kept) >= limit:
+            break
+    table = pa.concat_tables(kept).slice(0, limit)
+    return table.to_pydict() if table.num_rows else None
 
 
 def check_sequence_parallel(stage: TrainStage) -> None:
@@ -73,8 +88,9 @@ def run(cfg: Any) -> dict[str, Any]:
     shards = label_shards(stage)
     ensure_model(stage.student, "student")
     check_labels_match_student(manifest, stage)
-    rows = sum(pq.read_metadata(s).num_rows for s in shards)
     t = stage.train
+    ids = pa.concat_tables([pq.read_table(s, columns=["id"]) for s in shards]).column("id").to_pylist()
+    rows = sum(not is_heldout(i, t.heldout_fraction) for i in ids)
     per_worker = rows // t.num_workers
     if per_worker < t.micro_batch_size:
         raise LabelsError(f"{rows} labeled rows cannot fill a micro-batch of {t.micro_batch_size} on each of "
@@ -93,12 +109,16 @@ def run(cfg: Any) -> dict[str, Any]:
         total_steps=total_steps, micro_per_epoch=micro_per_epoch, checkpoint_every=t.checkpoint_every, report_every=t.report_every,
         k=manifest.k, loss=asdict(stage.loss), deepspeed=stage.deepspeed, student_dir=stage.paths.student_dir,
         merge=t.merge, seed=t.seed, sequence_parallel_size=t.sequence_parallel_size,
+        eval_rows=heldout_rows(shards, t.heldout_fraction, t.max_eval_rows),
         lineage={"labels_manifest": str(Path(stage.paths.labels_dir) / "manifest.json"),
                  "labels_fingerprint": manifest.fingerprint(), "student_base": stage.student.name_or_path,
                  "train": asdict(t), "loss": asdict(stage.loss), "deepspeed": stage.deepspeed},
     )
     init_ray(stage.cluster)
-    dataset = ray.data.read_parquet(shards, columns=REQUIRED_COLUMNS)
+    fraction = t.heldout_fraction
+    dataset = ray.data.read_parquet(shards, columns=["id", *REQUIRED_COLUMNS]).map_batches(
+        lambda b: b.filter(pa.array([not is_heldout(i, fraction) for i in b.column("id").to_pylist()], pa.bool_())),
+        batch_format="pyarrow")
     trainer = TorchTrainer(
         train_loop, train_loop_config=asdict(spec),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,

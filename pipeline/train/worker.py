@@ -18,6 +18,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 
 @dataclass
 class WorkerSpec:
@@ -45,6 +47,7 @@ class WorkerSpec:
     merge: bool
     seed: int
     sequence_parallel_size: int = 1
+    eval_rows: dict[str, list] | None = None
     lineage: dict[str, Any] = field(default_factory=dict)
 
 
@@ -126,6 +129,9 @@ def train_loop(config: dict[str, Any]) -> None:
     consumed = engine.global_steps * spec.gradient_accumulation_steps
     metrics_path = Path(spec.student_dir) / "metrics.jsonl"
     data_ranks = dist.get_world_size() // sp_size  # each sequence-parallel group counts once
+    heldout = partial(evaluate_heldout, engine, spec, mpu, data_ranks, pad, rank)
+    if engine.global_steps == 0:
+        heldout()
     t0, tokens_since = time.perf_counter(), 0
     while engine.global_steps < spec.total_steps:
         epoch, skip = divmod(consumed, spec.micro_per_epoch)
@@ -177,7 +183,52 @@ def train_loop(config: dict[str, Any]) -> None:
                       f"{metrics['tokens_per_s']:.0f} tokens/s", flush=True)
             if last:
                 break
+    heldout()
     _save_student(engine, spec, rank)
+
+
+def evaluate_heldout(engine, spec: WorkerSpec, mpu, data_ranks: int, pad: int, rank: int) -> None:
+    """Top-1 agreement, KL to the teacher and perplexity on the held-out rows, appended to eval.jsonl.
+
+    Every rank holds the same rows in the same order (they come with the spec, not from a data shard), so
+    ZeRO-3 gathers and sequence-parallel all-to-alls line up; summed over ranks, each row counts
+    `data_ranks` times."""
+    if not spec.eval_rows:
+        return
+    import torch
+    import torch.distributed as dist
+
+    from pipeline.evaluate.metrics import summarize, teacher_forced_sums
+    from pipeline.train import sequence_parallel as sp
+    from pipeline.train.batches import collate
+
+    rows = {key: np.asarray(value, dtype=object) for key, value in spec.eval_rows.items()}
+    n = len(next(iter(rows.values())))
+    sums = torch.zeros(4, dtype=torch.float64)
+    engine.eval()
+    with torch.no_grad():
+        for start in range(0, n, spec.micro_batch_size):
+            batch = collate({k: v[start:start + spec.micro_batch_size] for k, v in rows.items()}, k=spec.k,
+                            max_seq_len=spec.max_seq_len, pad_id=pad)
+            if mpu is None:
+                logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            else:
+                batch = sp.split(batch, mpu.get_sequence_parallel_rank(), spec.sequence_parallel_size,
+                                 spec.micro_batch_size)
+                logits = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+            part = teacher_forced_sums(logits, batch["labels"], batch["loss_mask"], batch["teacher_ids"],
+                                       batch["teacher_logprobs"], batch["teacher_tail"])
+            sums += torch.tensor([part["tokens"], part["agree"], part["kl"], part["nll"]], dtype=torch.float64)
+    engine.train()
+    dist.all_reduce(sums)
+    sums /= data_ranks
+    result = {"step": engine.global_steps, "rows": n,
+              **summarize(dict(zip(("tokens", "agree", "kl", "nll"), sums.tolist())))}
+    if rank == 0:
+        with (Path(spec.student_dir) / "eval.jsonl").open("a") as f:
+            f.write(json.dumps(result) + "\n")
+        print(f"train: held-out at step {result['step']}: top-1 agreement {result['top1_agreement']:.3f}, "
+              f"KL to teacher {result['kl_to_teacher']:.4f}, perplexity {result['perplexity']:.2f}", flush=True)
 
 
 def micro_batches(shard, size: int, fetch: int = 16):
