@@ -1,10 +1,20 @@
-"""label → train → quantize → evaluate (→ serve) in one command, re-running only what changed.
+"""The whole pipeline in one command, re-running only what changed.
 
-Each stage's fingerprint hashes its own config groups and the fingerprint of the stage before it, so a
-change anywhere re-runs that stage and everything downstream, and nothing upstream. `<run_root>/chain.json`
-records the fingerprint of each stage's last successful run; a stage whose fingerprint and outputs are
-unchanged is skipped. A stage that re-runs because its inputs changed starts clean (its old outputs and
-checkpoints are removed first); a stage that failed or was interrupted with the same fingerprint resumes.
+    [teacher_data → teacher]  label → train  [baseline]  quantize → evaluate  (→ serve)
+
+With `run.teacher_sft.enabled` (the offline demo) the teacher is first trained on the corpus by the train
+stage in SFT mode (α=1): `teacher_data` is the label stage in score mode over the corpus's reference
+responses (it only tokenizes, its soft labels are unused) and `teacher` trains the configured teacher on
+them. With `run.baseline` an SFT-only student is trained on the same rows as the KD student, for the
+evaluation's KD-vs-SFT comparison. Each stage is one of the four stage entrypoints run on a derived config.
+
+Each stage's fingerprint hashes its own config groups (as the stage sees them) and the fingerprints of the
+stages it reads from, so a change re-runs that stage and everything downstream, and nothing upstream.
+`<run_root>/chain.json` records the fingerprint of each stage's last successful run; a stage whose
+fingerprint and outputs are unchanged is skipped. A stage that re-runs because something changed starts
+clean (its old outputs and checkpoints are removed first, and a bundled corpus is regenerated); one that
+failed midway with an unchanged
+fingerprint resumes.
 """
 from __future__ import annotations
 
@@ -16,93 +26,153 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import PathsConfig, resolve, to_dataclass
+from pipeline.config import resolve
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
-    groups: tuple[str, ...]  # the config groups this stage's own work depends on
-    done: Callable[[PathsConfig], bool]  # its outputs are complete
-    outputs: Callable[[PathsConfig], list[str]]  # what to remove before a changed re-run
-    run: Callable[[Any], Any]
+    entry: str  # label | train | quantize | evaluate
+    groups: tuple[str, ...]  # config groups this stage's own work depends on
+    deps: tuple[str, ...]  # stages whose outputs it reads
+    done: str  # a file (relative to the run root, after `derive`) that exists once the stage succeeded
+    outputs: tuple[str, ...]  # path keys removed before a changed re-run
+    derive: Callable[[dict[str, Any]], dict[str, Any]] = lambda plain: plain
 
 
-def _label(cfg):
-    from pipeline.label.stage import run
-
-    return run(cfg)
-
-
-def _train(cfg):
-    from pipeline.train.stage import run
-
-    return run(cfg)
-
-
-def _quantize(cfg):
-    from pipeline.quantize.stage import run
-
-    return run(cfg)
-
-
-def _evaluate(cfg):
-    from pipeline.evaluate.stage import run
-
-    return run(cfg)
-
-
-STAGES = [
-    Stage("label", ("teacher", "data", "label", "seed"), lambda p: (Path(p.labels_dir) / "manifest.json").exists(),
-          lambda p: [p.labels_dir, p.rejected_dir], _label),
-    Stage("train", ("student", "train", "loss", "deepspeed"), lambda p: (Path(p.student_dir) / "lineage.json").exists(),
-          lambda p: [p.student_dir, p.train_storage], _train),
-    Stage("quantize", ("quantize",), lambda p: (Path(p.quantized_dir) / "manifest.json").exists(),
-          lambda p: [p.quantized_dir], _quantize),
-    Stage("evaluate", ("evaluate",), lambda p: (Path(p.eval_dir) / "metrics.json").exists(),
-          lambda p: [p.eval_dir], _evaluate),
-]
-
-
-def fingerprints(plain: dict[str, Any], stages: list[Stage]) -> dict[str, str]:
-    """Stage name → sha256 of its config groups chained with the previous stage's fingerprint."""
-    out, upstream = {}, ""
-    for stage in stages:
-        own = {group: plain.get(group) for group in stage.groups}
-        digest = hashlib.sha256((upstream + json.dumps(own, sort_keys=True, default=str)).encode()).hexdigest()
-        out[stage.name] = upstream = digest
+def _sub(plain: dict[str, Any], **updates: Any) -> dict[str, Any]:
+    """A copy of the resolved config with dotted keys replaced."""
+    out = json.loads(json.dumps(plain))
+    for dotted, value in updates.items():
+        node = out
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
     return out
+
+
+def _sft_dir(plain: dict[str, Any]) -> Path:
+    return Path(plain["paths"]["run_root"]) / "teacher_sft"
+
+
+def _teacher_data(plain):
+    d = _sft_dir(plain)
+    return _sub(plain, **{"label.mode": "score", "paths.labels_dir": str(d / "labels"),
+                          "paths.rejected_dir": str(d / "rejected")})
+
+
+def _teacher(plain):
+    d, sft = _sft_dir(plain), plain["run"]["teacher_sft"]
+    out = _sub(_teacher_data(plain), student=plain["teacher"], **{
+        "loss.alpha": 1.0, "paths.student_dir": str(d / "student"), "paths.train_storage": str(d / "train"),
+        "train.method": "full"})
+    for key, value in sft["train"].items():
+        out["train"][key] = value
+    return out
+
+
+def _trained_teacher(plain):
+    if not plain["run"]["teacher_sft"]["enabled"]:
+        return plain
+    return _sub(plain, **{"teacher.name_or_path": str(_sft_dir(plain) / "student" / "model"), "teacher.build": None})
+
+
+def _baseline(plain):
+    root = Path(plain["paths"]["run_root"])
+    source = _teacher_data(plain) if plain["run"]["teacher_sft"]["enabled"] else plain
+    return _sub(plain, **{"loss.alpha": 1.0, "paths.labels_dir": source["paths"]["labels_dir"],
+                          "paths.student_dir": str(root / "baseline"), "paths.train_storage": str(root / "baseline_train")})
+
+
+def _evaluate(plain):
+    plain = _trained_teacher(plain)
+    if plain["run"]["baseline"]:
+        plain = _sub(plain, **{"evaluate.baseline_path": str(Path(plain["paths"]["run_root"]) / "baseline")})
+    return plain
+
+
+def stages(plain: dict[str, Any]) -> list[Stage]:
+    run = plain["run"]
+    sft = run["teacher_sft"]["enabled"]
+    chain = []
+    if sft:
+        chain += [
+            Stage("teacher_data", "label", ("teacher", "data", "label", "seed"), (), "teacher_sft/labels/manifest.json",
+                  ("labels_dir", "rejected_dir", "data_dir"), _teacher_data),
+            Stage("teacher", "train", ("student", "train", "loss", "deepspeed"), ("teacher_data",),
+                  "teacher_sft/student/lineage.json", ("student_dir", "train_storage"), _teacher),
+        ]
+    chain += [
+        Stage("label", "label", ("teacher", "data", "label", "seed"), ("teacher",) if sft else (),
+              "labels/manifest.json", ("labels_dir", "rejected_dir") + (() if sft else ("data_dir",)), _trained_teacher),
+        Stage("train", "train", ("student", "train", "loss", "deepspeed"), ("label",), "student/lineage.json",
+              ("student_dir", "train_storage"), _trained_teacher),
+    ]
+    if run["baseline"]:
+        chain.append(Stage("baseline", "train", ("student", "train", "loss", "deepspeed"),
+                           ("teacher_data",) if sft else ("label",), "baseline/lineage.json",
+                           ("student_dir", "train_storage"), _baseline))
+    chain += [
+        Stage("quantize", "quantize", ("quantize",), ("train",), "quantized/manifest.json", ("quantized_dir",),
+              _trained_teacher),
+        Stage("evaluate", "evaluate", ("evaluate", "teacher", "student"),
+              ("label", "train", "quantize") + (("baseline",) if run["baseline"] else ()), "eval/metrics.json",
+              ("eval_dir",), _evaluate),
+    ]
+    return [s for s in chain if s.name not in (run.get("skip") or [])]
+
+
+def fingerprints(plain: dict[str, Any], chain: list[Stage]) -> dict[str, str]:
+    """Stage name → sha256 of its own config groups (as derived for it) and its inputs' fingerprints."""
+    out: dict[str, str] = {}
+    for stage in chain:
+        derived = stage.derive(plain)
+        own = {group: derived.get(group) for group in stage.groups}
+        upstream = [out[d] for d in stage.deps if d in out]
+        out[stage.name] = hashlib.sha256(json.dumps([own, upstream], sort_keys=True, default=str).encode()).hexdigest()
+    return out
+
+
+def _entry(name: str) -> Callable[[Any], Any]:
+    import importlib
+
+    return importlib.import_module(f"pipeline.{name}.stage").run
 
 
 def run(cfg: Any) -> dict[str, str]:
     """Run the chain; returns stage name → "ran" or "skipped"."""
+    from omegaconf import OmegaConf
+
     plain = resolve(cfg)
-    paths = to_dataclass(PathsConfig, plain["paths"], "paths")
-    stages = [s for s in STAGES if s.name not in (plain.get("run", {}).get("skip") or [])]
-    record_path = Path(paths.run_root) / "chain.json"
+    plain.pop("hydra", None)
+    root = Path(plain["paths"]["run_root"])
+    chain = stages(plain)
+    prints = fingerprints(plain, chain)
+    record_path = root / "chain.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
     outcome = {}
-    for stage, fp in zip(stages, fingerprints(plain, stages).values()):
-        if record.get(stage.name) == fp and stage.done(paths):
+    for stage in chain:
+        fp, derived = prints[stage.name], stage.derive(plain)
+        if record.get(stage.name) == fp and (root / stage.done).exists():
             print(f"run: {stage.name} skipped (config and inputs unchanged since its last successful run)", flush=True)
             outcome[stage.name] = "skipped"
             continue
         if stage.name in record and record[stage.name] != fp:
-            for old in stage.outputs(paths):
-                shutil.rmtree(old, ignore_errors=True)
+            for key in stage.outputs:
+                if key != "data_dir" or derived["data"].get("build"):  # only a corpus the pipeline built
+                    shutil.rmtree(derived["paths"][key], ignore_errors=True)
             print(f"run: {stage.name} re-runs from scratch (its config or an upstream stage changed)", flush=True)
         else:
             print(f"run: {stage.name} runs", flush=True)
         record.pop(stage.name, None)
         _save(record_path, record)
-        stage.run(cfg)
+        _entry(stage.entry)(OmegaConf.create(derived))
         record[stage.name] = fp
         _save(record_path, record)
         outcome[stage.name] = "ran"
-    if plain.get("run", {}).get("serve"):
-        from pipeline.serve.stage import run as serve
-
-        serve(cfg)
+    if plain["run"]["serve"]:
+        _entry("serve")(OmegaConf.create(_trained_teacher(plain)))
     return outcome
 
 

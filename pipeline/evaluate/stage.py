@@ -19,7 +19,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import EvaluateStage, ModelConfig, evaluate_stage
-from pipeline.errors import ModelError
 
 log = logging.getLogger("ray_distill.evaluate")
 
@@ -48,16 +47,16 @@ def reference_answers(path: Path) -> dict[int, str]:
     return {i: str(r["answer"]) for i, r in enumerate(rows) if isinstance(r, dict) and "answer" in r}
 
 
-def student_path(stage: EvaluateStage) -> Path:
-    """The trained student as full weights: `model/`, or the adapter merged into its base (written once)."""
+def student_path(student_dir: str, merged: Path) -> Path:
+    """A train-stage output as full weights: `model/`, or the adapter merged into its base (merged afresh on
+    every run, so a retrained adapter is never shadowed by an older merge)."""
     from pipeline.quantize.merge import find_student, merge_adapter
 
-    kind, source, base = find_student(stage.paths.student_dir)
+    kind, source, base = find_student(student_dir)
     if kind == "model":
         return source
-    merged = Path(stage.paths.eval_dir) / "student-merged"
-    if not (merged / "config.json").exists():
-        merge_adapter(source, base, merged)
+    shutil.rmtree(merged, ignore_errors=True)
+    merge_adapter(source, base, merged)
     return merged
 
 
@@ -75,17 +74,16 @@ def models_to_evaluate(stage: EvaluateStage) -> dict[str, tuple[Path, ModelConfi
 
     ensure_model(stage.teacher, "teacher")
     models = {"teacher": (Path(stage.teacher.name_or_path), stage.teacher),
-              "student": (student_path(stage), stage.student)}
+              "student": (student_path(stage.paths.student_dir, Path(stage.paths.eval_dir) / "student-merged"),
+                          stage.student)}
     quantized = quantized_path(stage)
     if quantized:
         models["quantized"] = (quantized, ModelConfig(str(quantized), dtype="auto",
                                                       max_model_len=stage.student.max_model_len))
-    if stage.evaluate.baseline_path:
+    if stage.evaluate.baseline_path:  # an HF directory, or a train-stage output (model/ or adapter/)
         base = Path(stage.evaluate.baseline_path)
-        base = base / "model" if (base / "model" / "config.json").exists() else base
         if not (base / "config.json").exists():
-            raise ModelError(f"evaluate.baseline_path={stage.evaluate.baseline_path} is not an HF model directory "
-                             "(no config.json); point it at the SFT-only student's output.")
+            base = student_path(str(base), Path(stage.paths.eval_dir) / "baseline-merged")
         models["sft_baseline"] = (base, stage.student)
     return models
 
