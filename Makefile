@@ -30,6 +30,8 @@ test: setup
 bench: setup
 	$(BIN)/python benchmarks/label.py
 	$(BIN)/python benchmarks/train.py
+	$(BIN)/python benchmarks/quantize.py
+	$(BIN)/python benchmarks/serve.py
 
 clean:
 	rm -rf $(VENV)

@@ -10,10 +10,13 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import CONF
-from pipeline.config import label_stage, train_stage
+from pipeline.config import evaluate_stage, label_stage, train_stage
+from pipeline.quantize.config import quantize_stage
+from pipeline.serve.config import serve_stage
 from pipeline.errors import ConfigError
 
-GROUPS = ["paths", "cluster", "teacher", "student", "data", "label", "train", "loss", "deepspeed"]
+GROUPS = ["paths", "cluster", "teacher", "student", "data", "label", "train", "loss", "deepspeed", "quantize",
+          "serve", "evaluate"]
 
 
 def _options(group: str) -> list[str]:
@@ -36,6 +39,9 @@ def test_every_config_composes_and_validates(override, monkeypatch):
     stage = label_stage(cfg)
     assert stage.paths.labels_dir.startswith(stage.paths.run_root)
     trained = train_stage(cfg)
+    evaluate_stage(cfg)
+    quantize_stage(cfg)
+    serve_stage(cfg)
     assert trained.deepspeed["zero_optimization"]["stage"] in (1, 2, 3)
     assert stage.label.k <= stage.label.engine.max_logprobs
     for target, kwargs in _targets(OmegaConf.to_container(cfg, resolve=True)):

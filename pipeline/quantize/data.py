@@ -14,16 +14,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.data.schema import validate_labels_table
+from pipeline.data.split import SPLIT_RULE, is_heldout  # noqa: F401 - the train stage holds out the same rows
 from pipeline.errors import LabelsError
 
 # Columns the gate needs from the label contract (pipeline/data/schema.py); calibration needs the first three.
 REQUIRED_COLUMNS = ["id", "prompt_ids", "response_ids", "topk_ids", "topk_codes", "top1_logprob", "tail_logprob"]
-SPLIT_RULE = "held out when int(sha256(id)[:8], 16) / 2**32 < heldout_fraction"
-
-
-def is_heldout(row_id: str, fraction: float) -> bool:
-    return int(hashlib.sha256(row_id.encode()).hexdigest()[:8], 16) / 2**32 < fraction
-
 
 def label_shards(labels_dir: str) -> list[Path]:
     shards = sorted(Path(labels_dir).glob("part-*.parquet"))
