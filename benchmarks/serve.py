@@ -202,7 +202,8 @@ def report(results: dict[int, dict[str, dict]], args) -> None:
                 "ray_serve": r["serve"], "standalone_vllm": r["vllm"]}
 
     detail = {"per_concurrency": {str(c): ratios(c) for c in results}, "max_tokens": args.max_tokens,
-              "duration_s": args.duration, "rounds": args.rounds, "model": "random-init Qwen2, 151,936 vocab, ~54M params, fp32",
+              "duration_s": args.duration, "rounds": args.rounds,
+              "model": "random-init Qwen2, 151,936 vocab, ~54M params, fp32",
               "replica_cpus": args.num_cpus, "engine": ENGINE, "cpus": os.cpu_count(),
               "failures": sum(r[n]["failures"] for r in results.values() for n in r)}
     key = 16 if 16 in results else max(results)
