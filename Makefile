@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	touch $@
 
 demo: setup
-	$(BIN)/python ray_jobs/label.py experiment=demo paths.run_root=$(DEMO_ROOT)
+	$(BIN)/python ray_jobs/run.py experiment=demo paths.run_root=$(DEMO_ROOT)
 
 test: setup
 	$(BIN)/python -m pytest -q tests

@@ -47,6 +47,9 @@ def test_the_chain_runs_every_stage_and_reports(chain):
     assert evals[0]["step"] == 0 and evals[-1]["step"] > 0
     assert evals[-1]["top1_agreement"] > evals[0]["top1_agreement"] + 0.3, evals
     assert evals[-1]["kl_to_teacher"] < evals[0]["kl_to_teacher"], evals
+    steps = [json.loads(x) for x in (root / "student" / "metrics.jsonl").read_text().splitlines()]
+    third = len(steps) // 3
+    assert sum(r["kd"] for r in steps[-third:]) < sum(r["kd"] for r in steps[:third])  # KD falls
     report = (root / "eval" / "report.md").read_text()
     assert "| KD student |" in report and "## Goals" in report
     for png in ("accuracy_vs_params.png", "latency.png", "train_loss.png"):

@@ -1,9 +1,9 @@
 """The train stage through its entrypoint: real Ray Train, real DeepSpeed (CPU, gloo), 2 workers, tiny models,
 on labels written by the real label stage.
 
-Held-out top-1 agreement is not asserted yet: a 1-layer, 64-wide random student imitating a random 2-layer
-teacher moves it by less than run-to-run noise in a test-sized run (measured 1.6 % -> 2.0 %). It needs a
-teacher with learnable structure (the SFT-trained demo teacher of the evaluate issue)."""
+Held-out top-1 agreement is asserted in tests/test_chain.py, whose teacher is first SFT-trained: with the
+random tiny teacher used here it moves by less than run-to-run noise (measured 1.4 % -> 1.6 %), while the
+held-out KL to the teacher falls reliably."""
 from __future__ import annotations
 
 import json
@@ -15,7 +15,6 @@ import pytest
 
 from conftest import run_job
 
-ALL_LINEAR = "train.lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +42,9 @@ def _steps(root: Path) -> dict[int, dict]:
     return {r["step"]: r for r in map(json.loads, (root / "student" / "metrics.jsonl").read_text().splitlines())}
 
 
-@pytest.mark.parametrize("method,zero,extra", [("lora", "zero2", [ALL_LINEAR]), ("full", "zero3", ["train.lr=1e-2"])])
+# LoRA (every linear layer) under ZeRO-2 is trained by tests/test_chain.py, on an SFT-trained teacher whose
+# held-out top-1 agreement with the student it checks; here: full fine-tuning under ZeRO-3, and resume.
+@pytest.mark.parametrize("method,zero,extra", [("full", "zero3", ["train.lr=1e-2"])])
 def test_two_workers_distil_the_student(labeled, method, zero, extra, tmp_path):
     root = labeled
     run_root = tmp_path / "run"
@@ -57,12 +58,10 @@ def test_two_workers_distil_the_student(labeled, method, zero, extra, tmp_path):
     assert max(steps) == 6 * 9  # 96 rows, 28 held out: 68 / 2 workers = 34 each / micro-batch 4 = 9 steps an epoch
     kd_first = np.mean([steps[s]["kd"] for s in range(1, 10)])
     kd_last = np.mean([steps[s]["kd"] for s in range(46, 55)])
-    if method == "full":  # measured: epoch-mean KD 0.688 -> 0.636 over 6 epochs
-        assert kd_last < 0.97 * kd_first, (kd_first, kd_last)
-    else:  # LoRA on a random base moves slowly (measured 0.704 -> 0.700): it must not get worse, and it trained
-        assert kd_last <= kd_first * 1.005, (kd_first, kd_last)
-        trained = load_student(run_root, "lora")
-        assert any(p.abs().sum() > 0 for n, p in trained.named_parameters() if "lora_B" in n)
+    assert kd_last < 0.97 * kd_first, (kd_first, kd_last)  # measured: epoch-mean KD 0.688 -> 0.636 over 6 epochs
+    evals = [json.loads(x) for x in (run_root / "student" / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, max(steps)]
+    assert evals[1]["kl_to_teacher"] < evals[0]["kl_to_teacher"], evals  # held-out rows (measured 3.58 -> 3.36)
     # the saved student loads and differs from the base it started from
     import torch
 
