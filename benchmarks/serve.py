@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +26,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from pipeline.runtime import interrupt_and_wait  # noqa: E402
 
 MODEL = dict(tokenizer_vocab_size=512, vocab_size=151_936, hidden_size=320, num_layers=4, num_heads=5,
              num_kv_heads=1, intermediate_size=1024, seed=0)
@@ -80,13 +81,7 @@ class Proc:
             time.sleep(2)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        interrupt_and_wait(self.proc)
         self.file.close()
 
 

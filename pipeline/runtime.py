@@ -50,3 +50,20 @@ def user_errors():
             print(f"error: {inner}", file=sys.stderr)
             sys.exit(2)
         raise
+
+
+def interrupt_and_wait(proc, timeout: float = 90) -> int:
+    """Stop a long-running entrypoint as Ctrl-C would (SIGINT, so it shuts its engines down cleanly); kill its
+    process group if it has not exited after `timeout` seconds. `proc` must lead its own process group
+    (`start_new_session=True`). Returns its exit code."""
+    import signal
+    import subprocess
+
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode

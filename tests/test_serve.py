@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from conftest import CONF, REPO
 from pipeline.errors import ConfigError, ModelError
 from pipeline.serve.app import build_app, llm_config, serve_config
 from pipeline.serve.config import serve_stage
+from pipeline.runtime import interrupt_and_wait
 from pipeline.serve.model import ServedModel, resolve_model
 
 KEY = "test-key-123"
@@ -140,14 +140,7 @@ class Server:
             self.lines.append(line)
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        return self.proc.returncode
+        return interrupt_and_wait(self.proc)
 
 
 @pytest.fixture(scope="module")
