@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,10 @@ def run(cfg: Any) -> dict[str, Any]:
     dataset = ray.data.read_parquet(shards, columns=["id", *REQUIRED_COLUMNS]).map_batches(
         lambda b: b.filter(pa.array([not is_heldout(i, fraction) for i in b.column("id").to_pylist()], pa.bool_())),
         batch_format="pyarrow")
+    # Ray Train's controller collects one report per worker each poll and a worker's next report waits for that:
+    # at Ray's default 2 s, a small model idles on every report, and a checkpoint reported just before a crash is
+    # never registered, so the replacement group restarts from an older one. Read by fit(), passed to the controller.
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(t.report_poll_s)
     trainer = TorchTrainer(
         train_loop, train_loop_config=asdict(spec),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,

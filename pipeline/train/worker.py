@@ -176,7 +176,7 @@ def train_loop(config: dict[str, Any]) -> None:
             last = step >= spec.total_steps
             if step % spec.checkpoint_every == 0 or last:
                 _report_with_checkpoint(engine, metrics)
-            elif step % spec.report_every == 0:  # each report is a barrier across workers: not every step
+            elif step % spec.report_every == 0:  # each report syncs the workers and waits for a poll: not every step
                 ray.train.report(metrics)
             if rank == 0 and (step % spec.report_every == 0 or last):
                 print(f"train: step {step}/{spec.total_steps} loss {metrics['loss']:.4f} kd {metrics['kd']:.4f} "
