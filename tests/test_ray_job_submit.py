@@ -1,5 +1,6 @@
 """A user's cluster path: `ray start --head` on 127.0.0.1, then `ray job submit --working-dir .` of the
-label stage, which must succeed and write the labels."""
+label stage, which must succeed and write the labels, and of the serve stage, whose application must outlive
+the job and answer the official `openai` client at the URL the job printed."""
 from __future__ import annotations
 
 import os
@@ -22,7 +23,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_head():
     # Ray's socket paths must stay under 107 bytes, so its temp dir cannot live under pytest's tmp_path
     temp_dir = Path(tempfile.mkdtemp(prefix="rd-ray-"))
@@ -56,3 +57,27 @@ def test_label_job_submitted_to_a_real_head(ray_head, tmp_path):
     labels = read_dir(run_root / "labels")
     assert labels is not None and labels.num_rows == 24  # debug=tiny generates 24 rows, all valid
     assert (run_root / "labels" / "manifest.json").exists()
+
+
+def test_serve_job_deploys_on_the_head_and_prints_the_url(ray_head, tiny_models, tmp_path):
+    import re
+
+    import openai
+
+    ray_bin, address, env = ray_head
+    run_root = tmp_path / "run"
+    shutil.copytree(tiny_models["student"], run_root / "student" / "model")
+    port = _free_port()
+    proc = subprocess.run(
+        [ray_bin, "job", "submit", f"--address={address}", "--working-dir", ".", "--",
+         "python", "ray_jobs/serve.py", "debug=tiny", f"paths.run_root={run_root}", f"serve.port={port}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "succeeded" in proc.stdout  # the job ends; the application stays deployed on the cluster
+    url = re.search(r"at (http://\S+)/v1", proc.stdout).group(1)
+    assert url == f"http://127.0.0.1:{port}"
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=2, timeout=120)
+    assert [m.id for m in client.models.list().data] == ["student"]
+    reply = client.chat.completions.create(model="student", messages=[{"role": "user", "content": "what is 2 + 3?"}],
+                                           max_tokens=8, temperature=0)
+    assert reply.choices[0].message.content and reply.usage.completion_tokens > 0
