@@ -66,11 +66,11 @@ def test_a_second_run_skips_every_stage(chain):
 def test_a_changed_train_setting_reruns_train_and_downstream_only(chain):
     root, args, _ = chain
     labels = (root / "labels" / "manifest.json").stat().st_mtime_ns
-    proc = run_job("run.py", *args, "train.lr=5e-3")
+    proc = run_job("run.py", *args, "train.epochs=2")  # any train setting; fewer epochs keep the re-run short
     for stage in STAGES[:3]:
         assert f"run: {stage} skipped" in proc.stdout
     for stage in STAGES[3:]:
         assert f"run: {stage} re-runs from scratch" in proc.stdout
     assert (root / "labels" / "manifest.json").stat().st_mtime_ns == labels
     lineage = json.loads((root / "student" / "lineage.json").read_text())
-    assert lineage["train"]["lr"] == 5e-3
+    assert lineage["train"]["epochs"] == 2
