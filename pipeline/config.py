@@ -147,6 +147,7 @@ class TrainConfig:
     checkpoint_every: int = 50
     report_every: int = 10
     report_poll_s: float = 0.2
+    cache_shard_mb: float = 512
     keep_checkpoints: int = 2
     max_failures: int = 1
     merge: bool = False
@@ -162,6 +163,8 @@ class TrainConfig:
             raise ConfigError(f"train.method={self.method!r} is not a method; use lora or full.")
         if self.lr_schedule not in ("constant", "linear", "cosine"):
             raise ConfigError(f"train.lr_schedule={self.lr_schedule!r}; use constant, linear or cosine.")
+        if self.cache_shard_mb < 0:
+            raise ConfigError(f"train.cache_shard_mb={self.cache_shard_mb} must be 0 (off) or a size in MiB.")
         if not self.report_poll_s > 0:
             raise ConfigError(f"train.report_poll_s={self.report_poll_s} must be a positive number of seconds.")
         for name in ("num_workers", "epochs", "micro_batch_size", "gradient_accumulation_steps", "max_seq_len",

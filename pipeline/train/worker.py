@@ -47,6 +47,7 @@ class WorkerSpec:
     merge: bool
     seed: int
     sequence_parallel_size: int = 1
+    cache_shard_mb: float = 0
     eval_rows: dict[str, list] | None = None
     lineage: dict[str, Any] = field(default_factory=dict)
 
@@ -132,10 +133,11 @@ def train_loop(config: dict[str, Any]) -> None:
     heldout = partial(evaluate_heldout, engine, spec, mpu, data_ranks, pad, rank)
     if engine.global_steps == 0:
         heldout()
+    epochs = ShardEpochs(shard, spec.micro_batch_size, spec.cache_shard_mb)
     t0, tokens_since = time.perf_counter(), 0
     while engine.global_steps < spec.total_steps:
         epoch, skip = divmod(consumed, spec.micro_per_epoch)
-        batches = micro_batches(shard, spec.micro_batch_size)
+        batches = epochs.next()
         if mpu is not None:
             batches = sp.exchange(batches, mpu.get_sequence_parallel_group(), sp_size)
         for i, rows in enumerate(batches):
@@ -229,6 +231,53 @@ def evaluate_heldout(engine, spec: WorkerSpec, mpu, data_ranks: int, pad: int, r
             f.write(json.dumps(result) + "\n")
         print(f"train: held-out at step {result['step']}: top-1 agreement {result['top1_agreement']:.3f}, "
               f"KL to teacher {result['kl_to_teacher']:.4f}, perplexity {result['perplexity']:.2f}", flush=True)
+
+
+class ShardEpochs:
+    """One epoch of the worker's shard after another, replayed from memory once a full pass fits in
+    `budget_mb` on every worker.
+
+    Each new epoch of a streaming split restarts Ray Data's execution behind a barrier across the workers
+    (1-2 s on a small machine), which for a small corpus costs more than the epoch's training. The data never
+    changes between epochs (no per-epoch shuffle), so a kept pass is the next epoch. Whether to keep it is
+    decided by all workers together: one worker leaving the split while another still reads it would hang.
+    """
+
+    def __init__(self, shard, size: int, budget_mb: float):
+        self.shard, self.size, self.budget = shard, size, budget_mb * 2**20
+        self.kept: list[dict[str, Any]] | None = None
+
+    def next(self):
+        if self.kept is not None:
+            return iter(self.kept)
+        return self._read()
+
+    def _read(self):
+        import torch
+        import torch.distributed as dist
+
+        kept, nbytes = [], 0
+        for batch in micro_batches(self.shard, self.size):
+            if kept is not None:
+                nbytes += _nbytes(batch)
+                kept = kept if nbytes <= self.budget else None
+                if kept is not None:
+                    kept.append(batch)
+            yield batch
+        fits = torch.tensor([int(kept is not None)])
+        dist.all_reduce(fits, op=dist.ReduceOp.MIN)  # every worker ends its pass here, at the same step
+        if fits.item():
+            self.kept = kept
+
+
+def _nbytes(batch: dict[str, np.ndarray]) -> int:
+    """Bytes of a numpy micro-batch, counting what its object columns (one array per row) point to."""
+    total = 0
+    for value in batch.values():
+        total += value.nbytes
+        if value.dtype == object:
+            total += sum(getattr(x, "nbytes", 0) for x in value)
+    return total
 
 
 def micro_batches(shard, size: int, fetch: int = 16):
