@@ -10,7 +10,9 @@ evaluation's KD-vs-SFT comparison. Each stage is one of the four stage entrypoin
 
 Each stage's fingerprint hashes its own config groups (as the stage sees them) and the fingerprints of the
 stages it reads from, so a change re-runs that stage and everything downstream, and nothing upstream.
-`<run_root>/chain.json` records the fingerprint of each stage's last successful run; a stage whose
+`<run_root>/chain.json` records the fingerprint of each stage's last successful run and
+`<run_root>/stage_seconds.json` its wall seconds (printed at the end, so a time budget can be read per stage);
+a stage whose
 fingerprint and outputs are unchanged is skipped. A stage that re-runs because something changed starts
 clean (its old outputs and checkpoints are removed first, and a bundled corpus is regenerated); one that
 failed midway with an unchanged
@@ -21,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,7 +154,10 @@ def run(cfg: Any) -> dict[str, str]:
     prints = fingerprints(plain, chain)
     record_path = root / "chain.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
+    seconds_path = root / "stage_seconds.json"
+    seconds = json.loads(seconds_path.read_text()) if seconds_path.exists() else {}
     outcome = {}
+    started = time.perf_counter()
     for stage in chain:
         fp, derived = prints[stage.name], stage.derive(plain)
         if record.get(stage.name) == fp and (root / stage.done).exists():
@@ -167,16 +173,24 @@ def run(cfg: Any) -> dict[str, str]:
             print(f"run: {stage.name} runs", flush=True)
         record.pop(stage.name, None)
         _save(record_path, record)
+        begin = time.perf_counter()
         _entry(stage.entry)(OmegaConf.create(derived))
+        seconds[stage.name] = round(time.perf_counter() - begin, 1)
         record[stage.name] = fp
         _save(record_path, record)
+        _save(seconds_path, seconds)
+        print(f"run: {stage.name} took {seconds[stage.name]:.1f} s", flush=True)
         outcome[stage.name] = "ran"
+    ran = {name: seconds[name] for name, how in outcome.items() if how == "ran" and name in seconds}
+    if ran:
+        print("run: wall seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in ran.items())
+              + f"; chain {time.perf_counter() - started:.1f}", flush=True)
     if plain["run"]["serve"]:
         _entry("serve")(OmegaConf.create(_trained_teacher(plain)))
     return outcome
 
 
-def _save(path: Path, record: dict[str, str]) -> None:
+def _save(path: Path, record: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=2, sort_keys=True))

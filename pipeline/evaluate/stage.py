@@ -24,15 +24,17 @@ log = logging.getLogger("ray_distill.evaluate")
 
 
 def heldout_rows(stage: EvaluateStage) -> Path:
-    """The held-out corpus: the configured file, or fresh rows from the bundled task's generator."""
+    """The held-out corpus: the configured file, or fresh rows from the generator of the bundled task the
+    training corpus was built from (`data.build.task`, arithmetic by default)."""
     ev = stage.evaluate
     if ev.data_path:
         return Path(ev.data_path)
-    from pipeline.data.corpus import build_arithmetic_corpus
+    from pipeline.data.corpus import build_corpus
 
-    path = Path(stage.paths.eval_dir) / f"heldout-{ev.seed}-{ev.num_rows}.jsonl"
+    task = (stage.data.build or {}).get("task", "arithmetic")
+    path = Path(stage.paths.eval_dir) / f"heldout-{task}-{ev.seed}-{ev.num_rows}.jsonl"
     if not path.exists():
-        build_arithmetic_corpus(path, ev.num_rows, seed=ev.seed, with_response=False)
+        build_corpus(path, ev.num_rows, seed=ev.seed, with_response=False, task=task)
     return path
 
 

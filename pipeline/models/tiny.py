@@ -20,22 +20,27 @@ CHATML_TEMPLATE = (
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-def default_tokenizer_corpus() -> list[str]:
+def default_tokenizer_corpus(task: str = "arithmetic") -> list[str]:
     """A few thousand lines of varied text: enough for a BPE that splits words and digits sensibly."""
     from pipeline.data.corpus import sample_texts
 
-    return sample_texts(4000, seed=0)
+    return sample_texts(4000, seed=0, task=task)
 
 
-def build_tokenizer(out_dir: str | Path, vocab_size: int = 512, texts: Iterable[str] | None = None):
-    """Train a byte-level BPE on `texts` and save it as an HF tokenizer directory with a ChatML template."""
+def build_tokenizer(out_dir: str | Path, vocab_size: int = 512, texts: Iterable[str] | None = None,
+                    split_digits: bool = False):
+    """Train a byte-level BPE on `texts` and save it as an HF tokenizer directory with a ChatML template.
+    `split_digits` makes every digit its own token (as Qwen's and Llama's tokenizers do), so a model sees
+    numbers digit by digit instead of as arbitrary multi-digit merges."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
@@ -109,9 +114,12 @@ def build_model(
 
 
 def build_tiny_model(out_dir: str | Path, tokenizer_dir: str | Path, tokenizer_vocab_size: int = 512,
+                     tokenizer_task: str = "arithmetic", tokenizer_split_digits: bool = False,
                      **model_kwargs) -> Path:
-    """What `teacher.build` / `student.build` call: the shared tokenizer (trained once) and a model."""
+    """What `teacher.build` / `student.build` call: the shared tokenizer (trained once, on text of the bundled
+    corpus task `tokenizer_task`) and a model."""
     tokenizer_dir = Path(tokenizer_dir)
     if not (tokenizer_dir / "tokenizer.json").exists():
-        build_tokenizer(tokenizer_dir, vocab_size=tokenizer_vocab_size)
+        build_tokenizer(tokenizer_dir, vocab_size=tokenizer_vocab_size,
+                        texts=default_tokenizer_corpus(tokenizer_task), split_digits=tokenizer_split_digits)
     return build_model(out_dir, tokenizer_dir, **model_kwargs)
