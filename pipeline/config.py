@@ -226,6 +226,7 @@ class EvalConfig:
     num_gpus_per_actor: float = 0
     engine: EngineConfig = field(default_factory=EngineConfig)
     baseline_path: str | None = None
+    reuse: bool = True
 
     def validate(self, data_seed: int) -> None:
         if self.metric not in ("last_number", "exact"):

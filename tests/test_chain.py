@@ -72,5 +72,10 @@ def test_a_changed_train_setting_reruns_train_and_downstream_only(chain):
     for stage in STAGES[3:]:
         assert f"run: {stage} re-runs from scratch" in proc.stdout
     assert (root / "labels" / "manifest.json").stat().st_mtime_ns == labels
+    # the teacher and the baseline did not change: their evaluations are reused; the new student's is not
+    reused = [line for line in proc.stdout.splitlines() if line.startswith("evaluate: ") and "results reused" in line]
+    assert [line.split()[1] for line in reused] == ["teacher", "sft_baseline"], reused
+    models = json.loads((root / "eval" / "metrics.json").read_text())["models"]
+    assert [role for role, r in models.items() if r["reused"]] == ["teacher", "sft_baseline"]
     lineage = json.loads((root / "student" / "lineage.json").read_text())
     assert lineage["train"]["epochs"] == 2

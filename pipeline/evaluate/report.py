@@ -57,7 +57,12 @@ def write_report(summary: dict[str, Any], out: Path) -> Path:
                      f"{_fmt(r['latency_ms'], '.1f')} | {_fmt(r.get('latency_p50_ms'), '.1f')} | "
                      f"{_fmt(r['tokens_per_s'], '.0f')} |")
     lines += ["", "Agreement, KL and perplexity are teacher-forced on the teacher's greedy responses (KL over the "
-              "teacher's top-k + tail buckets, T=1).", "", "## Goals", ""]
+              "teacher's top-k + tail buckets, T=1)."]
+    reused = [f"{ROLES.get(role, role)} ({r['evaluated_at']})" for role, r in models.items() if r.get("reused")]
+    if reused:
+        lines += ["", "Unchanged since an earlier evaluation, results reused (`evaluate.reuse`): "
+                  + ", ".join(reused) + "."]
+    lines += ["", "## Goals", ""]
     for g in summary["goals"]:
         mark = {True: "PASS", False: "FAIL", None: "n/a"}[g["pass"]]
         lines.append(f"- {mark}: {g['goal']} ({g['detail']})")

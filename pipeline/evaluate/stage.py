@@ -5,13 +5,21 @@ vLLM engines), so evaluation scales like labeling: task accuracy, latency per re
 The teacher's responses (with its top-k) then become the reference for the teacher-forced metrics, which
 HF-model actors compute for every other model: top-1 agreement, KL to the teacher, perplexity.
 Writes metrics.json, report.md and PNG plots under `paths.eval_dir`.
+
+A model whose weights, engine settings, held-out rows and evaluate settings (and, for the others, the
+teacher's reference) are unchanged since an earlier evaluation under the same run root is not run again
+(`evaluate.reuse`): its results, and the teacher's reference responses, come from `<run_root>/cache/evaluate`.
+A teacher is the most expensive model to evaluate and rarely changes while students are iterated on.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import math
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +190,40 @@ def weights_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in path.iterdir() if p.suffix in (".safetensors", ".bin")) / 2**20
 
 
+def cache_key(kind: str, path: Path, model: ModelConfig, stage: EvaluateStage, heldout: Path,
+              reference: str | None) -> str:
+    """What a model's evaluation depends on: its weights and engine settings, the held-out rows, the evaluate
+    settings (not `baseline_path`, which only picks the models) and, unless it is the teacher, the reference."""
+    from pipeline.models.load import model_fingerprint
+
+    model = dataclasses.replace(model, name_or_path=str(path))
+    settings = {k: v for k, v in dataclasses.asdict(stage.evaluate).items() if k not in ("baseline_path", "reuse")}
+    payload = {"kind": kind, "model": model_fingerprint(model), "engine": dataclasses.asdict(model),
+               "evaluate": settings, "heldout": hashlib.sha256(heldout.read_bytes()).hexdigest(),
+               "reference": reference}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _cached(cache: Path, key: str, with_reference: bool) -> tuple[dict[str, Any], pa.Table | None] | None:
+    import pyarrow.parquet as pq
+
+    result, table = cache / f"{key}.json", cache / f"{key}.parquet"
+    if not result.exists() or (with_reference and not table.exists()):
+        return None
+    return json.loads(result.read_text()), pq.read_table(table) if with_reference else None
+
+
+def _store(cache: Path, key: str, result: dict[str, Any], reference: pa.Table | None) -> None:
+    import pyarrow.parquet as pq
+
+    cache.mkdir(parents=True, exist_ok=True)
+    if reference is not None:
+        pq.write_table(reference, cache / f"{key}.parquet.tmp")
+        (cache / f"{key}.parquet.tmp").replace(cache / f"{key}.parquet")
+    (cache / f"{key}.json.tmp").write_text(json.dumps(result))  # written last: its presence means complete
+    (cache / f"{key}.json.tmp").replace(cache / f"{key}.json")
+
+
 def run(cfg: Any) -> dict[str, Any]:
     from pipeline.evaluate.report import check_goals, write_report
     from pipeline.runtime import init_ray
@@ -194,13 +236,25 @@ def run(cfg: Any) -> dict[str, Any]:
     models = models_to_evaluate(stage)
     init_ray(stage.cluster)
     results: dict[str, dict[str, Any]] = {}
-    reference = None
+    reference, reference_key = None, None
+    cache = Path(stage.paths.run_root) / "cache" / "evaluate"
     for role, (path, model) in models.items():
+        kind = "reference" if reference is None else "scored"
+        key = cache_key(kind, path, model, stage, heldout, reference_key)
+        hit = _cached(cache, key, kind == "reference") if stage.evaluate.reuse else None
+        if hit:
+            result, table = hit
+            print(f"evaluate: {role} ({path}) unchanged since {result['evaluated_at']}: results reused", flush=True)
+            result["reused"] = True
+            if kind == "reference":
+                reference, reference_key = table, key
+            results[role] = result
+            continue
         print(f"evaluate: {role} ({path})", flush=True)
         table = generate(stage, path, model, heldout)
         result = generation_metrics(table, answers, path, stage.evaluate.metric)
-        if reference is None:  # the teacher: the reference itself
-            reference = table.filter(pc.is_null(table["reason"]))
+        if kind == "reference":  # the teacher: the reference itself
+            reference, reference_key = table.filter(pc.is_null(table["reason"])), key
             tokens = pc.sum(pc.list_value_length(reference["response_ids"])).as_py() or 0
             logprob = sum(sum(x) for x in reference["token_logprob"].to_pylist())
             result.update(top1_agreement=1.0, kl_to_teacher=0.0, scored_tokens=tokens,
@@ -208,8 +262,10 @@ def run(cfg: Any) -> dict[str, Any]:
         else:
             max_seq_len = stage.evaluate.max_prompt_tokens + stage.evaluate.max_response_tokens
             result.update(teacher_forced(stage, path, reference, max_seq_len))
-        result.update(path=str(path), parameters=count_parameters(path), weights_mb=weights_mb(path))
-        results[role] = result
+        result.update(path=str(path), parameters=count_parameters(path), weights_mb=weights_mb(path),
+                      evaluated_at=time.strftime("%Y-%m-%d %H:%M:%S"))
+        _store(cache, key, result, reference if kind == "reference" else None)
+        results[role] = dict(result, reused=False)
     goals = check_goals(results)
     summary = {"models": results, "goals": goals, "heldout": str(heldout), "rows": len(answers)}
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
