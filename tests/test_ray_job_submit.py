@@ -3,6 +3,7 @@ label stage, which must succeed and write the labels, and of the serve stage, wh
 the job and answer the official `openai` client at the URL the job printed."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -41,8 +42,27 @@ def ray_head():
     try:
         yield ray_bin, f"http://127.0.0.1:{dash}", env
     finally:
-        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env=env, timeout=120)
+        _stop_cluster(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _stop_cluster(temp_dir: Path) -> None:
+    """Stop this head's processes only (`ray stop` would stop every Ray cluster on the machine): those whose
+    command line names its temp dir, and everything they started."""
+    import psutil
+
+    roots = [p for p in psutil.process_iter(["cmdline"]) if any(str(temp_dir) in a for a in p.info["cmdline"] or ())]
+    procs = set(roots)
+    for root in roots:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            procs.update(root.children(recursive=True))
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=20)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
 
 
 def test_label_job_submitted_to_a_real_head(ray_head, tmp_path):

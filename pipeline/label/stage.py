@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import LabelStage, label_stage
 from pipeline.data.schema import MAX_VOCAB, Manifest, manifest_path, read_manifest, write_manifest
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, LabelsError
 from pipeline.label.prepare import PrepareSpec
 from pipeline.label.teacher import TeacherSpec
 from pipeline.models.load import ensure_model, load_tokenizer_checked, model_fingerprint, tokenizer_fingerprint
@@ -95,6 +95,9 @@ def run(cfg: Any) -> dict[str, Any]:
     ds = build_dataset(stage, prepare_spec(stage), teacher_spec(stage), ledger)
     summary = _consume(ds, resumed)
     summary.update(_totals(stage))
+    if summary["rows_read"] == 0:  # e.g. every engine failed to start and Ray Data gave up without an error
+        raise LabelsError(f"No row of {', '.join(stage.data.paths)} was labeled or rejected: the corpus is empty "
+                          "or the teacher's engine failed (its error is in the log above); fix that and re-run.")
     write_manifest(stage.paths.labels_dir, manifest, extra={"summary": summary})
     ray.kill(ledger)
     _print_summary(summary, stage)
