@@ -214,12 +214,11 @@ def _cached(cache: Path, key: str, with_reference: bool) -> tuple[dict[str, Any]
 
 
 def _store(cache: Path, key: str, result: dict[str, Any], reference: pa.Table | None) -> None:
-    import pyarrow.parquet as pq
+    from pipeline.data.schema import write_table_atomic
 
     cache.mkdir(parents=True, exist_ok=True)
     if reference is not None:
-        pq.write_table(reference, cache / f"{key}.parquet.tmp")
-        (cache / f"{key}.parquet.tmp").replace(cache / f"{key}.parquet")
+        write_table_atomic(reference, cache / f"{key}.parquet")
     (cache / f"{key}.json.tmp").write_text(json.dumps(result))  # written last: its presence means complete
     (cache / f"{key}.json.tmp").replace(cache / f"{key}.json")
 
