@@ -25,7 +25,7 @@ demo: setup
 	$(BIN)/python ray_jobs/run.py experiment=demo paths.run_root=$(DEMO_ROOT)
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 bench: setup
 	$(BIN)/python benchmarks/label.py

@@ -134,6 +134,7 @@ class TrainConfig:
     use_gpu: bool = False
     epochs: int = 1
     max_steps: int | None = None
+    max_rows: int | None = None
     micro_batch_size: int = 4
     gradient_accumulation_steps: int = 1
     max_seq_len: int = 1024
@@ -163,6 +164,8 @@ class TrainConfig:
             raise ConfigError(f"train.method={self.method!r} is not a method; use lora or full.")
         if self.lr_schedule not in ("constant", "linear", "cosine"):
             raise ConfigError(f"train.lr_schedule={self.lr_schedule!r}; use constant, linear or cosine.")
+        if self.max_rows is not None and self.max_rows < 1:
+            raise ConfigError(f"train.max_rows={self.max_rows} must be a number of rows (at least 1) or null for all.")
         if self.cache_shard_mb < 0:
             raise ConfigError(f"train.cache_shard_mb={self.cache_shard_mb} must be 0 (off) or a size in MiB.")
         if not self.report_poll_s > 0:

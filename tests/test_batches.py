@@ -48,3 +48,16 @@ def test_long_rows_lose_prompt_tokens_not_response_tokens():
     assert out["labels"][0][out["loss_mask"][0] == 1].tolist() == [20, 21, 22]
     with pytest.raises(ValueError, match="does not fit"):
         collate(_batch([row]), k=K, max_seq_len=3, pad_id=0)
+
+
+def test_a_capped_training_set_is_fixed_by_the_row_ids():
+    """train.max_rows keeps the same rows for any labels of one corpus (KD and SFT students see the same ones)."""
+    from pipeline.data.split import is_heldout, training_ids
+
+    ids = [f"sort-0-{i}" for i in range(1000)]
+    keep = training_ids(ids, 0.1, 250)
+    assert len(keep) == 250 and not any(is_heldout(i, 0.1) for i in keep)
+    assert training_ids(list(reversed(ids)), 0.1, 250) == keep  # order of the shards does not matter
+    assert training_ids(ids[:10] + ids[10:], 0.1, 400) >= keep  # a larger cap keeps every row of a smaller one
+    assert training_ids(ids, 0.1, None) is None  # uncapped: every non-held-out row
+    assert len(training_ids(ids[:50], 0.1, 250)) == sum(not is_heldout(i, 0.1) for i in ids[:50])

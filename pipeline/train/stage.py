@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import TrainStage, train_stage
-from pipeline.data.split import is_heldout
+from pipeline.data.split import is_heldout, training_ids
 from pipeline.data.schema import Manifest, read_manifest, validate_labels_table
 from pipeline.errors import ConfigError, LabelsError
 from pipeline.models.load import ensure_model, load_tokenizer_checked, tokenizer_fingerprint
@@ -91,7 +91,8 @@ def run(cfg: Any) -> dict[str, Any]:
     check_labels_match_student(manifest, stage)
     t = stage.train
     ids = pa.concat_tables([pq.read_table(s, columns=["id"]) for s in shards]).column("id").to_pylist()
-    rows = sum(not is_heldout(i, t.heldout_fraction) for i in ids)
+    keep = training_ids(ids, t.heldout_fraction, t.max_rows)
+    rows = len(keep) if keep is not None else sum(not is_heldout(i, t.heldout_fraction) for i in ids)
     per_worker = rows // t.num_workers
     if per_worker < t.micro_batch_size:
         raise LabelsError(f"{rows} labeled rows cannot fill a micro-batch of {t.micro_batch_size} on each of "
@@ -117,8 +118,12 @@ def run(cfg: Any) -> dict[str, Any]:
     )
     init_ray(stage.cluster)
     fraction = t.heldout_fraction
+
+    def trained(i: str) -> bool:
+        return i in keep if keep is not None else not is_heldout(i, fraction)
+
     dataset = ray.data.read_parquet(shards, columns=["id", *REQUIRED_COLUMNS]).map_batches(
-        lambda b: b.filter(pa.array([not is_heldout(i, fraction) for i in b.column("id").to_pylist()], pa.bool_())),
+        lambda b: b.filter(pa.array([trained(i) for i in b.column("id").to_pylist()], pa.bool_())),
         batch_format="pyarrow")
     # Ray Train's controller collects one report per worker each poll and a worker's next report waits for that:
     # at Ray's default 2 s, a small model idles on every report, and a checkpoint reported just before a crash is
