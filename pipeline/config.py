@@ -149,6 +149,7 @@ class TrainConfig:
     report_every: int = 10
     report_poll_s: float = 0.2
     cache_shard_mb: float = 512
+    shuffle: bool = True
     keep_checkpoints: int = 2
     max_failures: int = 1
     merge: bool = False

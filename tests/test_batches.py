@@ -61,3 +61,35 @@ def test_a_capped_training_set_is_fixed_by_the_row_ids():
     assert training_ids(ids[:10] + ids[10:], 0.1, 400) >= keep  # a larger cap keeps every row of a smaller one
     assert training_ids(ids, 0.1, None) is None  # uncapped: every non-held-out row
     assert len(training_ids(ids[:50], 0.1, 250)) == sum(not is_heldout(i, 0.1) for i in ids[:50])
+
+
+def test_a_single_process_runs_zero_1_and_2_as_stage_0():
+    """One rank has nothing to partition: ZeRO-1/2 run as stage 0 there (offload and ZeRO-3 are kept)."""
+    from types import SimpleNamespace
+
+    from pipeline.train.worker import deepspeed_config
+
+    def stage(zero: dict, world_size: int) -> int:
+        spec = SimpleNamespace(deepspeed={"zero_optimization": zero}, micro_batch_size=4,
+                               gradient_accumulation_steps=1, grad_clip=1.0, use_gpu=False)
+        return deepspeed_config(spec, world_size)["zero_optimization"]["stage"]
+
+    assert stage({"stage": 2}, 1) == 0 and stage({"stage": 1}, 1) == 0
+    assert stage({"stage": 2}, 2) == 2 and stage({"stage": 3}, 1) == 3
+    assert stage({"stage": 2, "offload_optimizer": {"device": "cpu"}}, 1) == 2
+
+
+def test_replayed_epochs_are_seeded_permutations_of_the_kept_rows():
+    """Each epoch after the first replays every kept row once, in an order fixed by (seed, rank, epoch)."""
+    from pipeline.train.worker import ShardEpochs
+
+    epochs = ShardEpochs(shard=None, size=4, budget_mb=1, seed=(0, 1))
+    epochs.kept = [{"id": np.array([f"r{i}" for i in range(j, j + 4)]), "ids": np.arange(j, j + 4)[:, None]}
+                   for j in range(0, 12, 4)] + [{"id": np.array(["r12"]), "ids": np.array([np.array([12])], dtype=object)}]
+    first = [b["id"] for b in epochs.next(1)]
+    assert [len(b) for b in first] == [4, 4, 4, 1]
+    flat = [x for b in first for x in b]
+    assert sorted(flat) == sorted(f"r{i}" for i in range(13)) and flat != [f"r{i}" for i in range(13)]
+    assert [b["id"] for b in epochs.next(1)] == first  # the same epoch again: the same order (resume)
+    assert [b["id"] for b in epochs.next(2)] != first
+    assert all(int(r[1:]) == int(v[0]) for b in epochs.next(3) for r, v in zip(b["id"], b["ids"]))  # rows stay whole

@@ -111,6 +111,7 @@ def run(cfg: Any) -> dict[str, Any]:
         total_steps=total_steps, micro_per_epoch=micro_per_epoch, checkpoint_every=t.checkpoint_every, report_every=t.report_every,
         k=manifest.k, loss=asdict(stage.loss), deepspeed=stage.deepspeed, student_dir=stage.paths.student_dir,
         merge=t.merge, seed=t.seed, sequence_parallel_size=t.sequence_parallel_size, cache_shard_mb=t.cache_shard_mb,
+        shuffle=t.shuffle,
         eval_rows=heldout_rows(shards, t.heldout_fraction, t.max_eval_rows),
         lineage={"labels_manifest": str(Path(stage.paths.labels_dir) / "manifest.json"),
                  "labels_fingerprint": manifest.fingerprint(), "student_base": stage.student.name_or_path,

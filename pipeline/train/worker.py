@@ -48,6 +48,7 @@ class WorkerSpec:
     seed: int
     sequence_parallel_size: int = 1
     cache_shard_mb: float = 0
+    shuffle: bool = False
     eval_rows: dict[str, list] | None = None
     lineage: dict[str, Any] = field(default_factory=dict)
 
@@ -61,10 +62,17 @@ def lr_lambda(step: int, warmup: int, total: int, schedule: str) -> float:
     return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def deepspeed_config(spec: WorkerSpec) -> dict[str, Any]:
-    """The conf/deepspeed file completed with what the train config decides (one source for each value)."""
+def deepspeed_config(spec: WorkerSpec, world_size: int = 2) -> dict[str, Any]:
+    """The conf/deepspeed file completed with what the train config decides (one source for each value).
+
+    A single process has no ranks to partition optimizer states or gradients across, so ZeRO-1/2 there only
+    add their flat-buffer copies (measured ~12 % of a CPU step): it runs as stage 0, unless it offloads."""
+    ds = dict(spec.deepspeed)
+    zero = dict(ds.get("zero_optimization") or {})
+    if world_size == 1 and zero.get("stage") in (1, 2) and not zero.get("offload_optimizer"):
+        ds["zero_optimization"] = {**zero, "stage": 0}
     return {
-        **spec.deepspeed,
+        **ds,
         "train_micro_batch_size_per_gpu": spec.micro_batch_size,
         "gradient_accumulation_steps": spec.gradient_accumulation_steps,
         "gradient_clipping": spec.grad_clip,
@@ -118,7 +126,8 @@ def train_loop(config: dict[str, Any]) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_lambda, warmup=spec.warmup_steps, total=spec.total_steps, schedule=spec.lr_schedule))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=mpu,
-                                           config=deepspeed_config(spec), dist_init_required=False)
+                                           config=deepspeed_config(spec, dist.get_world_size()),
+                                           dist_init_required=False)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
@@ -133,11 +142,12 @@ def train_loop(config: dict[str, Any]) -> None:
     heldout = partial(evaluate_heldout, engine, spec, mpu, data_ranks, pad, rank)
     if engine.global_steps == 0:
         heldout()
-    epochs = ShardEpochs(shard, spec.micro_batch_size, spec.cache_shard_mb)
+    epochs = ShardEpochs(shard, spec.micro_batch_size, spec.cache_shard_mb,
+                         seed=(spec.seed, rank) if spec.shuffle else None)
     t0, tokens_since = time.perf_counter(), 0
     while engine.global_steps < spec.total_steps:
         epoch, skip = divmod(consumed, spec.micro_per_epoch)
-        batches = epochs.next()
+        batches = epochs.next(epoch)
         if mpu is not None:
             batches = sp.exchange(batches, mpu.get_sequence_parallel_group(), sp_size)
         for i, rows in enumerate(batches):
@@ -238,19 +248,35 @@ class ShardEpochs:
     `budget_mb` on every worker.
 
     Each new epoch of a streaming split restarts Ray Data's execution behind a barrier across the workers
-    (1-2 s on a small machine), which for a small corpus costs more than the epoch's training. The data never
-    changes between epochs (no per-epoch shuffle), so a kept pass is the next epoch. Whether to keep it is
-    decided by all workers together: one worker leaving the split while another still reads it would hang.
+    (1-2 s on a small machine), which for a small corpus costs more than the epoch's training. Whether to keep
+    a pass is decided by all workers together: one worker leaving the split while another still reads it would
+    hang. With a `seed`, every replayed epoch is a fresh permutation of the kept rows, a pure function of
+    (seed, epoch): many passes over a small transfer set in one fixed order train a worse student. A run that
+    resumes after the first epoch reads its pass whole before the resumed epoch, so it sees that epoch's order.
     """
 
-    def __init__(self, shard, size: int, budget_mb: float):
-        self.shard, self.size, self.budget = shard, size, budget_mb * 2**20
+    def __init__(self, shard, size: int, budget_mb: float, seed: tuple[int, int] | None = None):
+        self.shard, self.size, self.budget, self.seed = shard, size, budget_mb * 2**20, seed
         self.kept: list[dict[str, Any]] | None = None
 
-    def next(self):
-        if self.kept is not None:
+    def next(self, epoch: int):
+        if self.kept is None and self.seed is not None and epoch > 0:
+            for _ in self._read():  # a resumed run: keep the pass (if it fits) so this epoch is permuted
+                pass
+        if self.kept is None:
+            return self._read()
+        if self.seed is None:
             return iter(self.kept)
-        return self._read()
+        return self._permuted(epoch)
+
+    def _permuted(self, epoch: int):
+        # one value per row (a column may come as a 2-D array in one micro-batch and as objects in another)
+        columns = {key: [row for b in self.kept for row in b[key]] for key in self.kept[0]}
+        n = len(next(iter(columns.values())))
+        order = np.random.default_rng([*self.seed, epoch]).permutation(n)
+        for start in range(0, n, self.size):
+            rows = order[start:start + self.size]
+            yield {key: [value[i] for i in rows] for key, value in columns.items()}
 
     def _read(self):
         import torch
