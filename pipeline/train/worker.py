@@ -62,7 +62,7 @@ def lr_lambda(step: int, warmup: int, total: int, schedule: str) -> float:
     return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def deepspeed_config(spec: WorkerSpec, world_size: int = 2) -> dict[str, Any]:
+def deepspeed_config(spec: WorkerSpec, world_size: int | None = None) -> dict[str, Any]:
     """The conf/deepspeed file completed with what the train config decides (one source for each value).
 
     A single process has no ranks to partition optimizer states or gradients across, so ZeRO-1/2 there only
