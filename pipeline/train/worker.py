@@ -250,9 +250,10 @@ class ShardEpochs:
     Each new epoch of a streaming split restarts Ray Data's execution behind a barrier across the workers
     (1-2 s on a small machine), which for a small corpus costs more than the epoch's training. Whether to keep
     a pass is decided by all workers together: one worker leaving the split while another still reads it would
-    hang. With a `seed`, every replayed epoch is a fresh permutation of the kept rows, a pure function of
-    (seed, epoch): many passes over a small transfer set in one fixed order train a worse student. A run that
-    resumes after the first epoch reads its pass whole before the resumed epoch, so it sees that epoch's order.
+    hang. With a `seed`, every replayed epoch is a fresh permutation of the kept rows (taken in id order), a pure
+    function of (seed, epoch) and the rows: many passes over a small transfer set in one fixed order train a
+    worse student. A run that resumes after the first epoch reads its pass whole before the resumed epoch, so
+    it sees that epoch's order when its worker holds the same rows.
     """
 
     def __init__(self, shard, size: int, budget_mb: float, seed: tuple[int, int] | None = None):
@@ -272,8 +273,12 @@ class ShardEpochs:
     def _permuted(self, epoch: int):
         # one value per row (a column may come as a 2-D array in one micro-batch and as objects in another)
         columns = {key: [row for b in self.kept for row in b[key]] for key in self.kept[0]}
+        # start from the rows in id order, so the permutation does not depend on the order Ray Data read them in
+        base = sorted(range(len(columns["id"])), key=columns["id"].__getitem__) if "id" in columns else None
         n = len(next(iter(columns.values())))
         order = np.random.default_rng([*self.seed, epoch]).permutation(n)
+        if base is not None:
+            order = [base[i] for i in order]
         for start in range(0, n, self.size):
             rows = order[start:start + self.size]
             yield {key: [value[i] for i in rows] for key, value in columns.items()}
