@@ -259,6 +259,7 @@ class ShardEpochs:
     def __init__(self, shard, size: int, budget_mb: float, seed: tuple[int, int] | None = None):
         self.shard, self.size, self.budget, self.seed = shard, size, budget_mb * 2**20, seed
         self.kept: list[dict[str, Any]] | None = None
+        self.rows: dict[str, list] | None = None  # the kept pass as columns in id order, built once
 
     def next(self, epoch: int):
         if self.kept is None and self.seed is not None and epoch > 0:
@@ -271,17 +272,18 @@ class ShardEpochs:
         return self._permuted(epoch)
 
     def _permuted(self, epoch: int):
-        # one value per row (a column may come as a 2-D array in one micro-batch and as objects in another)
-        columns = {key: [row for b in self.kept for row in b[key]] for key in self.kept[0]}
-        # start from the rows in id order, so the permutation does not depend on the order Ray Data read them in
-        base = sorted(range(len(columns["id"])), key=columns["id"].__getitem__) if "id" in columns else None
-        n = len(next(iter(columns.values())))
+        if self.rows is None:
+            # one value per row (a column may come as a 2-D array in one micro-batch and as objects in another),
+            # in id order, so the permutation does not depend on the order Ray Data read the rows in
+            columns = {key: [row for b in self.kept for row in b[key]] for key in self.kept[0]}
+            n = len(next(iter(columns.values())))
+            base = sorted(range(n), key=columns["id"].__getitem__) if "id" in columns else range(n)
+            self.rows = {key: [value[i] for i in base] for key, value in columns.items()}
+        n = len(next(iter(self.rows.values())))
         order = np.random.default_rng([*self.seed, epoch]).permutation(n)
-        if base is not None:
-            order = [base[i] for i in order]
         for start in range(0, n, self.size):
             rows = order[start:start + self.size]
-            yield {key: [value[i] for i in rows] for key, value in columns.items()}
+            yield {key: [value[i] for i in rows] for key, value in self.rows.items()}
 
     def _read(self):
         import torch
