@@ -3,9 +3,8 @@
     [teacher_data → teacher]  label → train  [baseline]  quantize → evaluate  (→ serve)
 
 With `run.teacher_sft.enabled` (the offline demo) the teacher is first trained on the corpus by the train
-stage in SFT mode (α=1): `teacher_data` is the label stage in score mode over the corpus's reference
-responses (it only tokenizes, its soft labels are unused) and `teacher` trains the configured teacher on
-them. With `run.baseline` an SFT-only student is trained on the same rows as the KD student, for the
+stage in SFT mode (α=1): `teacher_data` is the label stage in reference mode (the corpus's reference
+responses, tokenized, as one-hot labels; no engine) and `teacher` trains the configured teacher on them. With `run.baseline` an SFT-only student is trained on the same rows as the KD student, for the
 evaluation's KD-vs-SFT comparison. Each stage is one of the four stage entrypoints run on a derived config.
 
 Each stage's fingerprint hashes its own config groups (as the stage sees them) and the fingerprints of the
@@ -61,7 +60,7 @@ def _sft_dir(plain: dict[str, Any]) -> Path:
 
 def _teacher_data(plain):
     d = _sft_dir(plain)
-    return _sub(plain, **{"label.mode": "score", "paths.labels_dir": str(d / "labels"),
+    return _sub(plain, **{"label.mode": "reference", "paths.labels_dir": str(d / "labels"),
                           "paths.rejected_dir": str(d / "rejected")})
 
 

@@ -83,8 +83,8 @@ class LabelConfig:
 
     def validate(self, teacher: ModelConfig) -> None:
         """Everything about labeling that can be wrong before a model is loaded."""
-        if self.mode not in ("generate", "score"):
-            raise ConfigError(f"label.mode={self.mode!r} is not a mode; use generate or score.")
+        if self.mode not in ("generate", "score", "reference"):
+            raise ConfigError(f"label.mode={self.mode!r} is not a mode; use generate, score or reference.")
         if self.k < 1:
             raise ConfigError(f"label.k={self.k} must be at least 1.")
         if self.k > self.engine.max_logprobs:

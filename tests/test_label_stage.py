@@ -114,6 +114,34 @@ def test_score_mode_scores_the_given_response(labeled_run):
             assert row["response_ids"] == expected
 
 
+def test_reference_mode_labels_the_references_one_hot_without_an_engine(tmp_path):
+    """label.mode=reference (the demo teacher's SFT data): the same quarantine, no vLLM engine, and every
+    stored distribution puts (all but 2e-6 of) its mass on the reference token."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from pipeline.data.schema import decode_topk
+
+    paths, good, total = write_corpus(tmp_path / "corpus", 16, with_response=True)
+    proc = label(tmp_path, paths, "label.mode=reference")
+    assert "LLM engine" not in proc.stdout + proc.stderr
+    labels, rejected = read_dir(tmp_path / "labels"), read_dir(tmp_path / "rejected")
+    assert labels.num_rows + rejected.num_rows == total and set(labels.column("id").to_pylist()) == good
+    reasons = rejected.column("reason").to_pylist()
+    assert all(sum(expected in r for r in reasons) == 1 for expected in BAD_LINES), reasons
+    tok = AutoTokenizer.from_pretrained(tmp_path / "models" / "tiny-teacher")
+    rows = {r["id"]: r for r in make_rows(16, seed=0, with_response=True)}
+    for row in labels.to_pylist():
+        if row["id"] in rows:
+            expected = tok(rows[row["id"]]["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            assert row["response_ids"] == expected
+        ids, logprobs, _ = decode_topk(row["topk_ids"], row["topk_codes"], row["top1_logprob"], row["tail_logprob"], K)
+        best = ids[np.arange(len(ids)), logprobs.argmax(axis=1)]
+        assert best.tolist() == row["response_ids"] and np.exp(logprobs.max(axis=1)).min() > 1 - 1e-5
+        assert len(set(ids[0].tolist())) == K
+    assert json.loads((tmp_path / "labels" / "manifest.json").read_text())["mode"] == "reference"
+
+
 def test_changed_config_on_existing_labels_is_refused(labeled_run):
     proc = label(labeled_run["root"], labeled_run["paths"], f"label.mode={labeled_run['mode']}", "label.k=10",
                  check=False)

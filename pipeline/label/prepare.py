@@ -51,7 +51,7 @@ def tokenize_row(row: dict, spec: PrepareSpec) -> tuple[list[int], list[int], st
         return [], [], (f"prompt is {len(prompt_ids)} tokens, more than label.max_prompt_tokens="
                         f"{spec.max_prompt_tokens}")
     response_ids: list[int] = []
-    if spec.mode == "score":
+    if spec.mode != "generate":  # score, reference: the corpus's own response
         response_ids = tok(row["response"], add_special_tokens=False)["input_ids"]
         if tok.eos_token_id is not None:
             response_ids.append(tok.eos_token_id)

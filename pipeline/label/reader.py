@@ -62,7 +62,7 @@ def parse_row(raw: bytes, mode: str) -> tuple[dict[str, Any] | None, str | None]
     """Validate one raw row. Returns (row, None) or (None, one-line reason).
 
     A valid row has `id` (string or integer) and either `messages` (a list of {role, content} strings) or
-    `prompt` (a string); score mode also needs `response`, or a last message from the assistant.
+    `prompt` (a string); score and reference modes also need `response`, or a last message from the assistant.
     """
     try:
         text = raw.decode("utf-8")
@@ -88,7 +88,7 @@ def parse_row(raw: bytes, mode: str) -> tuple[dict[str, Any] | None, str | None]
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 return None, f"messages[{i}] must have string 'role' and 'content'"
         response = row.get("response")
-        if mode == "score" and response is None and messages[-1]["role"] == "assistant":
+        if mode != "generate" and response is None and messages[-1]["role"] == "assistant":
             messages, response = messages[:-1], messages[-1]["content"]
         if not messages or not any(m["content"].strip() for m in messages):
             return None, "empty prompt"
@@ -102,9 +102,9 @@ def parse_row(raw: bytes, mode: str) -> tuple[dict[str, Any] | None, str | None]
         response = row.get("response")
     else:
         return None, "row has neither 'messages' nor 'prompt'"
-    if mode == "score":
+    if mode != "generate":
         if response is None:
-            return None, "score mode needs a 'response' (or a final assistant message)"
+            return None, f"{mode} mode needs a 'response' (or a final assistant message)"
         if not isinstance(response, str):
             return None, f"'response' must be a string, got {type(response).__name__}"
         if not response.strip():

@@ -37,6 +37,9 @@ def build_manifest(stage: LabelStage) -> Manifest:
         raise ConfigError(f"The teacher's vocabulary ({tok['vocab_size']}) exceeds the label format's limit "
                           f"({MAX_VOCAB}).")
     lab = stage.label
+    if lab.k > tok["vocab_size"]:
+        raise ConfigError(f"label.k={lab.k} is larger than the teacher's vocabulary ({tok['vocab_size']}); lower "
+                          "label.k.")
     return Manifest(
         teacher=model_fingerprint(stage.teacher), **tok, k=lab.k, mode=lab.mode, logprobs_mode="raw_logprobs",
         max_prompt_tokens=lab.max_prompt_tokens, max_response_tokens=lab.max_response_tokens,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from pipeline.data.schema import LABEL_SCHEMA, encode_topk
+from pipeline.data.schema import LABEL_SCHEMA, LOGPROB_CODES, LOGPROB_STEP, encode_topk
 
 log = logging.getLogger(__name__)
 LABELED_SCHEMA = pa.schema(list(LABEL_SCHEMA) + [pa.field("reason", pa.string())])
@@ -140,6 +140,26 @@ class TeacherLabeler:
         if hasattr(self, "llm"):
             del self.llm
             gc.collect()
+
+
+def reference_labels(batch: pa.Table, k: int) -> pa.Table:
+    """Ray Data UDF for `label.mode=reference`: PREPARED rows in, LABELED rows out, no engine. Each reference
+    token becomes a one-hot teacher: itself at logprob 0 and k-1 filler ids at the codec's floor (16 nats
+    below), so its soft label is the reference (within 2e-6 of the mass) and KD on it is plain SFT. For data
+    that only an SFT pass (α=1) reads, like the offline demo's teacher's own training set."""
+    floor = -LOGPROB_CODES * LOGPROB_STEP
+    rows = batch.to_pylist()
+    for row in rows:
+        if row["reason"] is not None:
+            continue
+        response = np.asarray(row["response_ids"], dtype=np.int64)
+        others = np.arange(k - 1)[None, :]
+        others = others + (others >= response[:, None])  # the k-1 smallest ids that are not the reference
+        ids = np.concatenate([response[:, None], others], axis=1)
+        logprobs = np.full(ids.shape, floor)
+        logprobs[:, 0] = 0.0
+        row.update(encode_topk(ids, logprobs), token_logprob=np.zeros(len(response), np.float16))
+    return pa.Table.from_pylist([_complete(r) for r in rows], schema=LABELED_SCHEMA)
 
 
 def _row_seed(spec: TeacherSpec, row: dict) -> int | None:
