@@ -27,7 +27,7 @@ from hydra import compose, initialize_config_dir
 
 from conftest import CONF, REPO
 from pipeline.errors import ConfigError, ModelError
-from pipeline.serve.app import build_app, llm_config, serve_config
+from pipeline.serve.app import build_app, llm_config, serve_config, write_serve_config
 from pipeline.serve.config import serve_stage
 from pipeline.runtime import interrupt_and_wait
 from pipeline.serve.model import ServedModel, resolve_model
@@ -115,6 +115,37 @@ def test_a_missing_student_fails_the_entrypoint_with_one_sentence(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_the_serve_config_file_runs_with_serve_run_without_a_key(tiny_models, tmp_path):
+    """The Serve config file as the entrypoint writes it (`llm_config` + `write_serve_config`, no key configured),
+    run with `serve run`: open, and it answers. Run before the module's server starts: beside that server's Ray
+    and engine, on 2 cores, this one took three times as long to come up (160 s, 54 s alone)."""
+    shutil.copytree(tiny_models["student"], tmp_path / "student" / "model")
+    port = _free_port()
+    stage = serve_stage(_compose("debug=tiny", f"paths.run_root={tmp_path}", f"serve.port={port}",
+                                 "serve.access_log=false"))
+    path = write_serve_config(stage, llm_config(stage, resolve_model(stage), api_key=None))
+    assert yaml.safe_load(path.read_text())["http_options"]["port"] == port
+    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_API_KEY", "RAY_ADDRESS")}
+    env["PYTHONUNBUFFERED"] = "1"
+    srv = Server([str(Path(sys.executable).with_name("serve")), "run", str(path)], env, ready="Submitted deploy config")
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300  # a fresh Ray and engine; slow when the box is shared
+        while True:
+            try:
+                if httpx.get(f"{base}/health", timeout=10).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "".join(srv.lines[-40:])
+            time.sleep(1)
+        reply = openai.OpenAI(base_url=f"{base}/v1", api_key="anything", max_retries=0).chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=4)
+        assert reply.choices[0].message.content is not None
+    finally:
+        srv.stop()
+
+
 # ---- one real server ----
 
 class Server:
@@ -160,6 +191,7 @@ def server(tiny_models, tmp_path_factory):
     srv = Server(args, env, ready="Ctrl-C stops serving")
     srv.base = f"http://127.0.0.1:{port}"
     srv.run_root = run_root
+    srv.overrides = args[2:]
     yield srv
     code = srv.stop()
     out = "".join(srv.lines)
@@ -178,6 +210,8 @@ def test_entrypoint_serves_the_newest_student_and_prints_the_url(server):
     written = yaml.safe_load((server.run_root / "serve" / "serve_config.yaml").read_text())
     assert written["applications"][0]["import_path"] == "pipeline.serve.app:app_builder"
     assert KEY not in (server.run_root / "serve" / "serve_config.yaml").read_text()
+    stage = serve_stage(_compose(*server.overrides))  # the file `serve run` is tested with above, for this config
+    assert written == serve_config(stage, llm_config(stage, resolve_model(stage), api_key=None))
 
 
 def test_models_and_health(server, client):
@@ -349,31 +383,3 @@ def test_load_and_autoscaling(server):
     while _replicas(server) != (1, 0):
         assert time.monotonic() < deadline, "replicas did not fall back to 1:\n" + scaling
         time.sleep(1)
-
-
-def test_generated_serve_config_runs_with_serve_run_without_a_key(server, tmp_path):
-    """The Serve config the entrypoint wrote, run with `serve run` on another port: no key configured → open."""
-    config = yaml.safe_load((server.run_root / "serve" / "serve_config.yaml").read_text())
-    port = _free_port()
-    config["http_options"]["port"] = port
-    path = tmp_path / "serve_config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_API_KEY", "RAY_ADDRESS")}
-    env["PYTHONUNBUFFERED"] = "1"
-    srv = Server([str(Path(sys.executable).with_name("serve")), "run", str(path)], env, ready="Submitted deploy config")
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 300  # a fresh Ray and engine; slow when the box is shared
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=10).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "".join(srv.lines[-40:])
-            time.sleep(1)
-        reply = openai.OpenAI(base_url=f"{base}/v1", api_key="anything", max_retries=0).chat.completions.create(
-            model=MODEL, messages=MESSAGES, max_tokens=4)
-        assert reply.choices[0].message.content is not None
-    finally:
-        srv.stop()
