@@ -4,7 +4,8 @@
 
 With `run.teacher_sft.enabled` (the offline demo) the teacher is first trained on the corpus by the train
 stage in SFT mode (α=1): `teacher_data` is the label stage in reference mode (the corpus's reference
-responses, tokenized, as one-hot labels; no engine) and `teacher` trains the configured teacher on them. With `run.baseline` an SFT-only student is trained on the same rows as the KD student, for the
+responses, tokenized, as one-hot labels; no engine) and `teacher` trains the configured teacher on them.
+With `run.baseline` an SFT-only student is trained on the same rows as the KD student, for the
 evaluation's KD-vs-SFT comparison. Each stage is one of the four stage entrypoints run on a derived config.
 
 Each stage's fingerprint hashes its own config groups (as the stage sees them) and the fingerprints of the
