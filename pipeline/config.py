@@ -64,6 +64,20 @@ class EngineConfig:
     max_logprobs: int = 20
     max_num_seqs: int = 256
     enforce_eager: bool = False
+    kv_cache_memory_bytes: int | None = None
+    in_process: bool = False
+
+    def validate(self, stage: str, *models: ModelConfig) -> None:
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"{stage}.engine.gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1].")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes < 1:
+            raise ConfigError(f"{stage}.engine.kv_cache_memory_bytes={self.kv_cache_memory_bytes} must be a positive "
+                              "number of bytes, or null for a share of memory (gpu_memory_utilization).")
+        for model in models:
+            if self.in_process and model.tensor_parallel_size > 1:
+                raise ConfigError(f"{stage}.engine.in_process runs one worker in the actor, but {model.name_or_path} "
+                                  f"has tensor_parallel_size={model.tensor_parallel_size}; set "
+                                  f"{stage}.engine.in_process=false.")
 
 
 @dataclass
@@ -85,6 +99,7 @@ class LabelConfig:
         """Everything about labeling that can be wrong before a model is loaded."""
         if self.mode not in ("generate", "score", "reference"):
             raise ConfigError(f"label.mode={self.mode!r} is not a mode; use generate, score or reference.")
+        self.engine.validate("label", teacher)
         if self.k < 1:
             raise ConfigError(f"label.k={self.k} must be at least 1.")
         if self.k > self.engine.max_logprobs:
@@ -232,9 +247,10 @@ class EvalConfig:
     baseline_path: str | None = None
     reuse: bool = True
 
-    def validate(self, data_seed: int) -> None:
+    def validate(self, data_seed: int, *models: ModelConfig) -> None:
         if self.metric not in ("last_number", "exact"):
             raise ConfigError(f"evaluate.metric={self.metric!r} is not a metric; use last_number or exact.")
+        self.engine.validate("evaluate", *models)
         if self.data_path is None and self.seed == data_seed:
             raise ConfigError(f"evaluate.seed={self.seed} equals the training corpus seed, so the held-out rows "
                               "would be training rows; pick another evaluate.seed.")
@@ -344,5 +360,5 @@ def evaluate_stage(cfg: Any) -> EvaluateStage:
         evaluate=to_dataclass(EvalConfig, plain["evaluate"], "evaluate"),
         seed=plain.get("seed", 0),
     )
-    stage.evaluate.validate((stage.data.build or {}).get("seed", stage.seed))
+    stage.evaluate.validate((stage.data.build or {}).get("seed", stage.seed), stage.teacher, stage.student)
     return stage

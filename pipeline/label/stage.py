@@ -121,7 +121,8 @@ def teacher_spec(stage: LabelStage) -> TeacherSpec:
         max_response_tokens=lab.max_response_tokens, temperature=lab.sampling.temperature,
         top_p=lab.sampling.top_p, seed=lab.sampling.seed, gpu_memory_utilization=lab.engine.gpu_memory_utilization,
         max_logprobs=lab.engine.max_logprobs, max_num_seqs=lab.engine.max_num_seqs,
-        enforce_eager=lab.engine.enforce_eager,
+        enforce_eager=lab.engine.enforce_eager, kv_cache_memory_bytes=lab.engine.kv_cache_memory_bytes,
+        in_process=lab.engine.in_process,
     )
 
 

@@ -38,14 +38,21 @@ class TeacherSpec:
     max_logprobs: int
     max_num_seqs: int
     enforce_eager: bool
+    kv_cache_memory_bytes: int | None = None
+    in_process: bool = False
 
 
 def engine_kwargs(spec: TeacherSpec) -> dict:
     """The vLLM engine arguments a teacher spec implies (shared with the benchmark's raw-vLLM baseline)."""
-    return dict(model=spec.model, revision=spec.revision, dtype=spec.dtype, max_model_len=spec.max_model_len,
-                tensor_parallel_size=spec.tensor_parallel_size, gpu_memory_utilization=spec.gpu_memory_utilization,
-                max_logprobs=spec.max_logprobs, max_num_seqs=spec.max_num_seqs, enforce_eager=spec.enforce_eager,
-                seed=spec.seed or 0)
+    kwargs = dict(model=spec.model, revision=spec.revision, dtype=spec.dtype, max_model_len=spec.max_model_len,
+                  tensor_parallel_size=spec.tensor_parallel_size, gpu_memory_utilization=spec.gpu_memory_utilization,
+                  max_logprobs=spec.max_logprobs, max_num_seqs=spec.max_num_seqs, enforce_eager=spec.enforce_eager,
+                  seed=spec.seed or 0)
+    if spec.kv_cache_memory_bytes is not None:  # a fixed KV cache instead of a share of the device's memory
+        kwargs["kv_cache_memory_bytes"] = spec.kv_cache_memory_bytes
+    if spec.in_process:  # the model runs in this process (see `TeacherLabeler`)
+        kwargs["distributed_executor_backend"] = "uni"
+    return kwargs
 
 
 def sampling_params(spec: TeacherSpec, prompt_len: int, row_seed: int | None):
@@ -89,6 +96,10 @@ class TeacherLabeler:
     """Ray Data UDF: PREPARED rows in, LABELED rows out (rows with a reason pass through untouched)."""
 
     def __init__(self, spec: TeacherSpec):
+        import os
+
+        if spec.in_process:  # engine core and worker in this actor: no two processes that import torch and vLLM
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM
 
         self.spec = spec
