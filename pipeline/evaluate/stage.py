@@ -113,9 +113,7 @@ def generate(stage: EvaluateStage, path: Path, model: ModelConfig, heldout: Path
     spec = TeacherSpec(model=str(path), revision=None, dtype=model.dtype, max_model_len=model.max_model_len,
                        tensor_parallel_size=model.tensor_parallel_size, mode="generate", k=ev.k,
                        max_response_tokens=ev.max_response_tokens, temperature=0.0, top_p=1.0, seed=None,
-                       gpu_memory_utilization=ev.engine.gpu_memory_utilization, max_logprobs=ev.engine.max_logprobs,
-                       max_num_seqs=ev.engine.max_num_seqs, enforce_eager=ev.engine.enforce_eager,
-                       kv_cache_memory_bytes=ev.engine.kv_cache_memory_bytes, in_process=ev.engine.in_process)
+                       **dataclasses.asdict(ev.engine))
     nowhere = str(Path(stage.paths.eval_dir) / "no-earlier-rows")  # evaluation never resumes: an empty ledger
     ledger = Ledger.remote(nowhere, nowhere)
     ds = ray.data.read_datasource(CorpusDatasource([str(heldout)]))

@@ -119,10 +119,7 @@ def teacher_spec(stage: LabelStage) -> TeacherSpec:
         model=t.name_or_path, revision=t.revision, dtype=t.dtype, max_model_len=t.max_model_len,
         tensor_parallel_size=t.tensor_parallel_size, mode=lab.mode, k=lab.k,
         max_response_tokens=lab.max_response_tokens, temperature=lab.sampling.temperature,
-        top_p=lab.sampling.top_p, seed=lab.sampling.seed, gpu_memory_utilization=lab.engine.gpu_memory_utilization,
-        max_logprobs=lab.engine.max_logprobs, max_num_seqs=lab.engine.max_num_seqs,
-        enforce_eager=lab.engine.enforce_eager, kv_cache_memory_bytes=lab.engine.kv_cache_memory_bytes,
-        in_process=lab.engine.in_process,
+        top_p=lab.sampling.top_p, seed=lab.sampling.seed, **asdict(lab.engine),
     )
 
 

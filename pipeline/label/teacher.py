@@ -34,6 +34,7 @@ class TeacherSpec:
     temperature: float
     top_p: float
     seed: int | None
+    # the engine settings: every field of `pipeline.config.EngineConfig`
     gpu_memory_utilization: float
     max_logprobs: int
     max_num_seqs: int
