@@ -24,8 +24,20 @@ def init_ray(cluster: ClusterConfig) -> None:
         return
     env_vars = {k: str(v) for k, v in cluster.env_vars.items()}
     local = cluster.address is None and not os.environ.get("RAY_ADDRESS")
-    kwargs = dict(num_cpus=cluster.num_cpus, include_dashboard=False) if local else {}
-    ray.init(address=cluster.address, runtime_env={"env_vars": env_vars}, log_to_driver=True, **kwargs)
+    runtime_env: dict = {"env_vars": env_vars}
+    kwargs = {}
+    if local:
+        kwargs = dict(num_cpus=cluster.num_cpus, include_dashboard=False)
+        runtime_env["worker_process_setup_hook"] = quiet_state_api_pollers
+    ray.init(address=cluster.address, runtime_env=runtime_env, log_to_driver=True, **kwargs)
+
+
+def quiet_state_api_pollers() -> None:
+    """Run in every worker of the embedded local Ray: it has no dashboard, so Ray Train's placement-group
+    cleaner finds the state API unavailable at every poll and warns each time (hundreds of lines per training
+    run). Its real failures (a placement group it could not remove) are still logged as warnings."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").addFilter(
+        lambda record: "State API may be temporarily unavailable" not in record.getMessage())
 
 
 def unwrap(error: BaseException) -> BaseException:
