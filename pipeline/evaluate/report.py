@@ -84,8 +84,10 @@ def _plots(models: dict[str, dict[str, Any]], out: Path) -> list[str]:
     for role, r in models.items():
         if r["accuracy"] is not None:
             ax.scatter(r["parameters"], r["accuracy"])
-            ax.annotate(ROLES.get(role, role), (r["parameters"], r["accuracy"]), fontsize=8)
+            ax.annotate(ROLES.get(role, role), (r["parameters"], r["accuracy"]), xytext=(4, 2),
+                        textcoords="offset points", fontsize=8)
     ax.set_xscale("log")
+    ax.margins(x=0.35, y=0.12)  # room for the labels right of the points
     ax.set_xlabel("parameters")
     ax.set_ylabel("held-out accuracy")
     fig.tight_layout()
