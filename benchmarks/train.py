@@ -2,7 +2,8 @@
 
     python benchmarks/train.py [--rows 256] [--steps 40] [--root /tmp/bench-train]
 
-One run, one machine, one student (a 4-layer, 256-wide Qwen2 on the tiny tokenizer, full fine-tune, fp32),
+P5 times KD and CE-only steps interleaved in one process (medians), so the machine's drift falls on both;
+peak memory comes from a separate process for each. One run, one machine, one student (a 4-layer, 256-wide Qwen2 on the tiny tokenizer, full fine-tune, fp32),
 the same labels (written by the label stage from the tiny teacher) and the same global batch of 16. Each part
 runs in its own process. JSON lines go to stdout.
 
@@ -115,7 +116,39 @@ def part_plain(args, alpha: float | None = None) -> dict:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-PARTS = {"labels": part_labels, "ray_train": lambda a: part_ray_train(a, "one_worker"),
+def part_paired(args) -> dict:
+    """P5's timing: KD steps and CE-only steps interleaved in one process on the same model and batches (which
+    goes first alternates), so drift on a shared machine falls on both; the median step of each."""
+    import statistics
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.losses.kd import distillation_loss
+
+    torch.set_num_threads(os.cpu_count())
+    stage, batches = _plain_batches(args, args.steps)
+    model = AutoModelForCausalLM.from_pretrained(stage.student.name_or_path, dtype=torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    times: dict[float, list[float]] = {stage.loss.alpha: [], 1.0: []}
+    for i, b in enumerate(batches):
+        for alpha in (list(times) if i % 2 else list(times)[::-1]):
+            start = time.perf_counter()
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+            loss = distillation_loss(logits, b["labels"], b["loss_mask"], b["teacher_ids"], b["teacher_logprobs"],
+                                     b["teacher_tail"], alpha=alpha, temperature=stage.loss.temperature,
+                                     divergence=stage.loss.divergence)["loss"]
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad()
+            if i >= 5:
+                times[alpha].append(time.perf_counter() - start)
+    kd, ce = (statistics.median(times[a]) for a in (stage.loss.alpha, 1.0))
+    return {"kd_step_s": kd, "ce_step_s": ce, "alpha": stage.loss.alpha}
+
+
+PARTS = {"labels": part_labels, "paired": part_paired, "ray_train": lambda a: part_ray_train(a, "one_worker"),
          "ray_train_dp": lambda a: part_ray_train(a, "two_workers"), "plain": part_plain,
          "plain_ce": lambda a: part_plain(a, alpha=1.0)}
 
@@ -137,6 +170,7 @@ def main() -> None:
     plain = parts.run_part(__file__, "plain", args.root)
     ray_train_dp = parts.run_part(__file__, "ray_train_dp", args.root)
     ce = parts.run_part(__file__, "plain_ce", args.root)
+    paired = parts.run_part(__file__, "paired", args.root)
     detail = {"student": STUDENT, "global_batch": GLOBAL_BATCH, "steps": args.steps, "deepspeed": "zero2",
               "dtype": "float32", "k": 20, "cpus": CPUS}
     print(json.dumps({"metric": "P4", "name": "train tokens/s, Ray Train + DeepSpeed vs plain torch loop",
@@ -149,8 +183,12 @@ def main() -> None:
                                                  "cpus_per_worker": SETUPS["two_workers"][1]},
                                  **detail}}))
     print(json.dumps({"metric": "P5", "name": "KD step (top-k sparse KL) vs CE-only step",
-                      "value": round(plain["step_s"] / ce["step_s"], 3), "goal": "<= 1.10", "unit": "ratio",
-                      "detail": {"kd_step_s": round(plain["step_s"], 4), "ce_step_s": round(ce["step_s"], 4),
+                      "value": round(paired["kd_step_s"] / paired["ce_step_s"], 3), "goal": "<= 1.10", "unit": "ratio",
+                      "detail": {"kd_step_s": round(paired["kd_step_s"], 4), "ce_step_s": round(paired["ce_step_s"], 4),
+                                 "timing": "median step, KD and CE steps interleaved in one process",
+                                 "separate_processes": {"kd_step_s": round(plain["step_s"], 4),
+                                                        "ce_step_s": round(ce["step_s"], 4),
+                                                        "ratio": round(plain["step_s"] / ce["step_s"], 3)},
                                  "kd_peak_rss_mb": round(plain["peak_rss_mb"]), "ce_peak_rss_mb": round(ce["peak_rss_mb"]),
                                  **detail}}))
 
