@@ -114,3 +114,20 @@ def test_wrong_config_is_one_clear_sentence(override, message):
         cfg = _compose("debug=tiny", *override)
         label_stage(cfg)
         train_stage(cfg)
+
+
+def test_a_student_seed_leaves_the_sft_teacher_alone():
+    """train.seed varies the students; the SFT teacher (run.teacher_sft) follows the global seed, so a sweep over
+    student seeds re-trains neither the teacher nor its labels."""
+    from pipeline.chain import fingerprints, stages
+
+    def prints(*overrides):
+        plain = OmegaConf.to_container(_compose("experiment=demo", *overrides), resolve=True)
+        return fingerprints(plain, stages(plain))
+
+    base, student_seed, global_seed = prints(), prints("train.seed=7"), prints("seed=7")
+    for stage in ("teacher_data", "teacher", "label"):
+        assert student_seed[stage] == base[stage], stage
+    for stage in ("train", "baseline", "quantize", "evaluate"):
+        assert student_seed[stage] != base[stage], stage
+    assert global_seed["teacher"] != base["teacher"]
