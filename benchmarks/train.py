@@ -2,10 +2,12 @@
 
     python benchmarks/train.py [--rows 256] [--steps 40] [--root /tmp/bench-train]
 
-P5 times KD and CE-only steps interleaved in one process (medians), so the machine's drift falls on both;
-peak memory comes from a separate process for each. One run, one machine, one student (a 4-layer, 256-wide Qwen2 on the tiny tokenizer, full fine-tune, fp32),
+One run, one machine, one student (a 4-layer, 256-wide Qwen2 on the tiny tokenizer, full fine-tune, fp32),
 the same labels (written by the label stage from the tiny teacher) and the same global batch of 16. Each part
 runs in its own process. JSON lines go to stdout.
+
+P5 times KD and CE-only steps interleaved in one process (medians), so the machine's drift falls on both;
+peak memory comes from a separate process for each.
 
 P4 is read with one Ray Train worker holding every core (how a single machine trains: one process, all cores,
 like the plain loop); two data-parallel workers of one core each (DeepSpeed's all-reduce over gloo, what a
