@@ -88,8 +88,9 @@ def _plain_batches(args, n: int):
     return stage, out
 
 
-def part_plain(args, alpha: float | None = None) -> dict:
-    """A single-process torch loop: same model, batch, loss and optimizer, all cores."""
+def _plain_loop(args):
+    """The single-process set-up both plain parts share: the stage, its pre-collated batches and a function that
+    runs one timed optimizer step (same model, loss and optimizer as the Ray Train runs, all cores)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -99,20 +100,31 @@ def part_plain(args, alpha: float | None = None) -> dict:
     stage, batches = _plain_batches(args, args.steps)
     model = AutoModelForCausalLM.from_pretrained(stage.student.name_or_path, dtype=torch.float32)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    loss_cfg = {"alpha": stage.loss.alpha if alpha is None else alpha, "temperature": stage.loss.temperature,
-                "divergence": stage.loss.divergence}
-    tokens, seconds = 0, 0.0
-    for i, b in enumerate(batches):
+
+    def step(b, alpha: float) -> float:
         start = time.perf_counter()
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
         loss = distillation_loss(logits, b["labels"], b["loss_mask"], b["teacher_ids"], b["teacher_logprobs"],
-                                 b["teacher_tail"], **loss_cfg)["loss"]
+                                 b["teacher_tail"], alpha=alpha, temperature=stage.loss.temperature,
+                                 divergence=stage.loss.divergence)["loss"]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad()
+        return time.perf_counter() - start
+
+    return stage, batches, step
+
+
+def part_plain(args, alpha: float | None = None) -> dict:
+    """A single-process torch loop: same model, batch, loss and optimizer, all cores."""
+    stage, batches, step = _plain_loop(args)
+    alpha = stage.loss.alpha if alpha is None else alpha
+    tokens, seconds = 0, 0.0
+    for i, b in enumerate(batches):
+        took = step(b, alpha)
         if i >= 5:
-            seconds += time.perf_counter() - start
+            seconds += took
             tokens += int(b["loss_mask"].sum())
     return {"tok_s": tokens / seconds, "step_s": seconds / (len(batches) - 5),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
@@ -123,29 +135,13 @@ def part_paired(args) -> dict:
     goes first alternates), so drift on a shared machine falls on both; the median step of each."""
     import statistics
 
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from pipeline.losses.kd import distillation_loss
-
-    torch.set_num_threads(os.cpu_count())
-    stage, batches = _plain_batches(args, args.steps)
-    model = AutoModelForCausalLM.from_pretrained(stage.student.name_or_path, dtype=torch.float32)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    stage, batches, step = _plain_loop(args)
     times: dict[float, list[float]] = {stage.loss.alpha: [], 1.0: []}
     for i, b in enumerate(batches):
         for alpha in (list(times) if i % 2 else list(times)[::-1]):
-            start = time.perf_counter()
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
-            loss = distillation_loss(logits, b["labels"], b["loss_mask"], b["teacher_ids"], b["teacher_logprobs"],
-                                     b["teacher_tail"], alpha=alpha, temperature=stage.loss.temperature,
-                                     divergence=stage.loss.divergence)["loss"]
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad()
+            took = step(b, alpha)
             if i >= 5:
-                times[alpha].append(time.perf_counter() - start)
+                times[alpha].append(took)
     kd, ce = (statistics.median(times[a]) for a in (stage.loss.alpha, 1.0))
     return {"kd_step_s": kd, "ce_step_s": ce, "alpha": stage.loss.alpha}
 

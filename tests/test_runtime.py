@@ -5,6 +5,8 @@ import logging
 from pipeline.runtime import quiet_state_api_pollers
 
 CLEANER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+UNAVAILABLE = ("Failed to query Ray Train Controller actor state. "
+               "State API may be temporarily unavailable. Continuing to monitor.")
 
 
 def _passes(message: str) -> bool:
@@ -13,10 +15,8 @@ def _passes(message: str) -> bool:
 
 
 def test_only_the_state_api_warning_is_dropped():
-    assert _passes("Failed to query Ray Train Controller actor state. "
-                   "State API may be temporarily unavailable. Continuing to monitor.")
+    assert _passes(UNAVAILABLE)
     quiet_state_api_pollers()
-    assert not _passes("Failed to query Ray Train Controller actor state. "
-                       "State API may be temporarily unavailable. Continuing to monitor.")
+    assert not _passes(UNAVAILABLE)
     assert _passes("Failed to clean up placement group: timed out")
     assert _passes("Detected that the Ray Train controller actor (abc) is dead. Cleaning up placement group")
