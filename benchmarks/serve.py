@@ -94,9 +94,10 @@ def start_vllm(model: Path, port: int, root: Path) -> Proc:
     return Proc("standalone vLLM", args, root / "vllm.log", {**os.environ})
 
 
-def start_serve(model: Path, port: int, root: Path, num_cpus: float) -> Proc:
+def start_serve(model: Path, port: int, root: Path, num_cpus: float, ingress: str) -> Proc:
     args = [sys.executable, str(REPO / "ray_jobs" / "serve.py"), f"paths.run_root={root / 'run'}",
             f"serve.model_path={model}", f"serve.port={port}", f"serve.num_cpus={num_cpus}",
+            f"serve.ingress={ingress}",
             "serve.autoscaling.min_replicas=1", "serve.autoscaling.max_replicas=1",
             f"serve.engine.gpu_memory_utilization={ENGINE['gpu_memory_utilization']}",
             f"serve.engine.max_model_len={ENGINE['max_model_len']}",
@@ -159,13 +160,18 @@ def main() -> None:
     parser.add_argument("--levels", default="1,8,16", help="client concurrencies; P6 is read at 16")
     parser.add_argument("--rounds", type=int, default=4, help="alternating rounds the duration is split into")
     parser.add_argument("--num-cpus", type=float, default=2, help="CPUs of the Ray Serve replica")
+    parser.add_argument("--ingress", default="haproxy", choices=["haproxy", "proxy"],
+                        help="Ray Serve's front door (serve.ingress)")
+    parser.add_argument("--settle", type=float, default=2.0,
+                        help="idle seconds before each round: vLLM's worker busy-polls for 1 s after its last "
+                             "step, on the core the other server's engine is bound to")
     args = parser.parse_args()
     args.root.mkdir(parents=True, exist_ok=True)
     with contextlib.redirect_stdout(sys.stderr):  # library warnings printed on import stay off the JSON lines
         model = build_model(args.root)
     vllm_port, serve_port = free_port(), free_port()
     servers = {"vllm": start_vllm(model, vllm_port, args.root),
-               "serve": start_serve(model, serve_port, args.root, args.num_cpus)}
+               "serve": start_serve(model, serve_port, args.root, args.num_cpus, args.ingress)}
     urls = {"vllm": f"http://127.0.0.1:{vllm_port}", "serve": f"http://127.0.0.1:{serve_port}"}
     try:
         for name, proc in servers.items():
@@ -178,6 +184,7 @@ def main() -> None:
             rounds: dict[str, list[dict]] = {"vllm": [], "serve": []}
             for _ in range(args.rounds):  # alternate short rounds so the box's drift hits both servers alike
                 for name in rounds:
+                    time.sleep(args.settle)
                     rounds[name].append(asyncio.run(load(urls[name], level, args.duration / args.rounds,
                                                          args.max_tokens)))
             results[level] = {name: merge(r) for name, r in rounds.items()}
@@ -199,7 +206,8 @@ def report(results: dict[int, dict[str, dict]], args) -> None:
     detail = {"per_concurrency": {str(c): ratios(c) for c in results}, "max_tokens": args.max_tokens,
               "duration_s": args.duration, "rounds": args.rounds,
               "model": "random-init Qwen2, 151,936 vocab, ~54M params, fp32",
-              "replica_cpus": args.num_cpus, "engine": ENGINE, "cpus": os.cpu_count(),
+              "replica_cpus": args.num_cpus, "ingress": args.ingress,
+              "settle_s": args.settle, "engine": ENGINE, "cpus": os.cpu_count(),
               "failures": sum(r[n]["failures"] for r in results.values() for n in r)}
     key = 16 if 16 in results else max(results)
     at = ratios(key)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 import yaml
 from hydra import compose, initialize_config_dir
@@ -31,6 +32,7 @@ from pipeline.serve.app import build_app, llm_config, serve_config, write_serve_
 from pipeline.serve.config import serve_stage
 from pipeline.runtime import interrupt_and_wait
 from pipeline.serve.model import ServedModel, resolve_model
+from pipeline.serve.stage import haproxy_binary
 
 KEY = "test-key-123"
 MODEL = "student"
@@ -73,6 +75,7 @@ def test_every_config_builds_a_serve_app(override):
     (["serve.route_prefix=v1"], "must start with"),
     (["+serve.replicas=2"], "unknown key"),
     (["serve.engine.gpu_memory_utilization=1.5"], "gpu_memory_utilization"),
+    (["serve.ingress=nginx"], "serve.ingress='nginx' is not one of haproxy, proxy"),
 ])
 def test_wrong_serve_config_is_one_clear_sentence(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -207,6 +210,9 @@ def test_entrypoint_serves_the_newest_student_and_prints_the_url(server):
     out = "".join(server.lines)
     assert f"student model {server.run_root / 'student' / 'model'} is served as 'student' at {server.base}/v1" in out
     assert "API key required" in out
+    # the default front door: HAProxy on serve.port, forwarding to the replica's own port (no proxy actor hop)
+    assert "ingress haproxy" in out and haproxy_binary() is not None
+    assert any(p.info["name"] == "haproxy" for p in psutil.process_iter(["name"]))
     written = yaml.safe_load((server.run_root / "serve" / "serve_config.yaml").read_text())
     assert written["applications"][0]["import_path"] == "pipeline.serve.app:app_builder"
     assert KEY not in (server.run_root / "serve" / "serve_config.yaml").read_text()

@@ -3,9 +3,11 @@ HTTP ingress itself, so each replica answers with vLLM's own OpenAI-compatible a
 
 Why not `build_openai_app`: its extra `OpenAiIngress` deployment puts a second Ray hop on every request
 (about half the standalone server's tokens/s on a 2-core box), has no API-key option or /health route,
-and answers an unknown model with a non-OpenAI body; Ray's one-hop variant of it needs HAProxy. Serving
-vLLM's app from the replica gives the exact request validation, errors, SSE streaming, `/health` and
-`--api-key` behaviour of `vllm serve`, while Ray Serve supplies replicas, autoscaling and routing.
+and answers an unknown model with a non-OpenAI body. Serving vLLM's app from the replica gives the exact
+request validation, errors, SSE streaming, `/health` and `--api-key` behaviour of `vllm serve`, while Ray
+Serve supplies replicas, autoscaling and routing. With Serve's HAProxy ingress (`serve.ingress=haproxy`,
+the default) HAProxy forwards each request straight to a replica's own port: the same one-hop path as
+Ray Serve LLM's "direct streaming", without its router deployment.
 """
 from __future__ import annotations
 
@@ -85,7 +87,8 @@ def write_serve_config(stage: ServeStage, config: dict[str, Any]) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     header = (
         "# Ray Serve config for the ray-distill student, written by ray_jobs/serve.py.\n"
-        "# Local:   serve run <this file>            (from the repository root)\n"
+        "# Local:   serve run <this file>            (from the repository root; prefix RAY_SERVE_ENABLE_HA_PROXY=1\n"
+        "#          for the HAProxy ingress that ray_jobs/serve.py uses by default)\n"
         "# Cluster: serve deploy <this file> --address http://<head>:8265   (add runtime_env: {working_dir: .}\n"
         "#          under the application when the cluster lacks this repository)\n"
         "# API key: set VLLM_API_KEY in the application's runtime_env env_vars; it is never written here.\n"

@@ -36,6 +36,10 @@ class ServeEngineConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+# Ray Serve's HTTP front doors: HAProxy forwarding to each replica's own port, or the Python proxy actor
+INGRESSES = ("haproxy", "proxy")
+
+
 @dataclass
 class ServeConfig:
     model_path: str | None = None
@@ -51,6 +55,7 @@ class ServeConfig:
     accelerator_type: str | None = None
     max_ongoing_requests: int = 64
     access_log: bool = True
+    ingress: str = "haproxy"
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
     engine: ServeEngineConfig = field(default_factory=ServeEngineConfig)
     blocking: bool | None = None
@@ -70,6 +75,9 @@ class ServeConfig:
                               "must be positive.")
         if self.max_ongoing_requests < 1:
             raise ConfigError(f"serve.max_ongoing_requests={self.max_ongoing_requests} must be at least 1.")
+        if self.ingress not in INGRESSES:
+            raise ConfigError(f"serve.ingress={self.ingress!r} is not one of {', '.join(INGRESSES)}; use haproxy "
+                              "(Ray Serve's HAProxy ingress) or proxy (its Python HTTP proxy).")
         if not 0 < self.port < 65536:
             raise ConfigError(f"serve.port={self.port} is not a TCP port.")
         if not self.route_prefix.startswith("/"):

