@@ -94,7 +94,7 @@ def start_vllm(model: Path, port: int, root: Path) -> Proc:
     return Proc("standalone vLLM", args, root / "vllm.log", {**os.environ})
 
 
-def start_serve(model: Path, port: int, root: Path, num_cpus: float, ingress: str) -> Proc:
+def start_serve(model: Path, port: int, root: Path, num_cpus: float, ingress: str, extra: list[str]) -> Proc:
     args = [sys.executable, str(REPO / "ray_jobs" / "serve.py"), f"paths.run_root={root / 'run'}",
             f"serve.model_path={model}", f"serve.port={port}", f"serve.num_cpus={num_cpus}",
             f"serve.ingress={ingress}",
@@ -102,7 +102,7 @@ def start_serve(model: Path, port: int, root: Path, num_cpus: float, ingress: st
             f"serve.engine.gpu_memory_utilization={ENGINE['gpu_memory_utilization']}",
             f"serve.engine.max_model_len={ENGINE['max_model_len']}",
             f"serve.engine.max_num_seqs={ENGINE['max_num_seqs']}", "serve.engine.enforce_eager=true",
-            f"+serve.engine.extra.kv_cache_memory_bytes={ENGINE['kv_cache_memory_bytes']}"]
+            f"+serve.engine.extra.kv_cache_memory_bytes={ENGINE['kv_cache_memory_bytes']}", *extra]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_DISTILL_API_KEY", "VLLM_API_KEY")}
     return Proc("Ray Serve", args, root / "serve.log", env)
 
@@ -162,6 +162,8 @@ def main() -> None:
     parser.add_argument("--num-cpus", type=float, default=2, help="CPUs of the Ray Serve replica")
     parser.add_argument("--ingress", default="haproxy", choices=["haproxy", "proxy"],
                         help="Ray Serve's front door (serve.ingress)")
+    parser.add_argument("--serve-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="another ray_jobs/serve.py override for the Ray Serve side (repeatable)")
     parser.add_argument("--settle", type=float, default=2.0,
                         help="idle seconds before each round: vLLM's worker busy-polls for 1 s after its last "
                              "step, on the core the other server's engine is bound to")
@@ -171,7 +173,7 @@ def main() -> None:
         model = build_model(args.root)
     vllm_port, serve_port = free_port(), free_port()
     servers = {"vllm": start_vllm(model, vllm_port, args.root),
-               "serve": start_serve(model, serve_port, args.root, args.num_cpus, args.ingress)}
+               "serve": start_serve(model, serve_port, args.root, args.num_cpus, args.ingress, args.serve_arg)}
     urls = {"vllm": f"http://127.0.0.1:{vllm_port}", "serve": f"http://127.0.0.1:{serve_port}"}
     try:
         for name, proc in servers.items():
@@ -206,7 +208,7 @@ def report(results: dict[int, dict[str, dict]], args) -> None:
     detail = {"per_concurrency": {str(c): ratios(c) for c in results}, "max_tokens": args.max_tokens,
               "duration_s": args.duration, "rounds": args.rounds,
               "model": "random-init Qwen2, 151,936 vocab, ~54M params, fp32",
-              "replica_cpus": args.num_cpus, "ingress": args.ingress,
+              "replica_cpus": args.num_cpus, "ingress": args.ingress, "serve_args": args.serve_arg,
               "settle_s": args.settle, "engine": ENGINE, "cpus": os.cpu_count(),
               "failures": sum(r[n]["failures"] for r in results.values() for n in r)}
     key = 16 if 16 in results else max(results)

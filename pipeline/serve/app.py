@@ -38,6 +38,7 @@ def llm_config(stage: ServeStage, model: ServedModel, api_key: str | None = None
     config: dict[str, Any] = {
         "model_loading_config": {"model_id": s.model_id, "model_source": model.path},
         "engine_kwargs": engine,
+        "log_engine_metrics": s.engine_metrics,
         # the replica actor takes no CPU of its own: Ray Serve LLM would add 1 to the engine's bundle, and
         # serve.num_cpus is meant as the whole replica's share (2 one-CPU replicas fit on 2 cores)
         "deployment_config": {"max_ongoing_requests": s.max_ongoing_requests, "autoscaling_config": autoscaling,

@@ -56,6 +56,7 @@ class ServeConfig:
     max_ongoing_requests: int = 64
     access_log: bool = True
     ingress: str = "haproxy"
+    engine_metrics: bool = True
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
     engine: ServeEngineConfig = field(default_factory=ServeEngineConfig)
     blocking: bool | None = None
