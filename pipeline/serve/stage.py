@@ -113,7 +113,6 @@ def wait_until_running(app: str, timeout_s: float) -> None:
 def wait_until_answering(health_url: str, deadline: float) -> None:
     """The application is RUNNING before HAProxy has its replicas as backends; the URL is printed once it
     answers."""
-    import urllib.error
     import urllib.request
 
     while True:
@@ -121,7 +120,7 @@ def wait_until_answering(health_url: str, deadline: float) -> None:
             with urllib.request.urlopen(health_url, timeout=10) as reply:
                 if reply.status == 200:
                     return
-        except (urllib.error.URLError, OSError):
+        except OSError:  # refused, reset, timed out, or an HTTP error status (urllib's errors are OSErrors)
             pass
         if time.monotonic() > deadline:
             raise ServeError(f"The serve application is running but {health_url} did not answer; check that "
