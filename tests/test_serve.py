@@ -29,7 +29,7 @@ from hydra import compose, initialize_config_dir
 from conftest import CONF, REPO
 from pipeline.errors import ConfigError, ModelError
 from pipeline.serve.app import build_app, llm_config, serve_config, write_serve_config
-from pipeline.serve.config import serve_stage
+from pipeline.serve.config import engine_executor, serve_stage
 from pipeline.runtime import interrupt_and_wait
 from pipeline.serve.model import ServedModel, resolve_model
 from pipeline.serve.stage import haproxy_binary
@@ -65,7 +65,9 @@ def test_every_config_builds_a_serve_app(override):
     deploy = serve_config(stage, config)
     ServeDeploySchema.model_validate(deploy)  # what `serve deploy` validates
     assert "api_key" not in json.dumps(deploy)  # the key never lands in the file
-    assert build_app(config) is not None  # the application graph builds without starting anything
+    # the application graph builds without starting anything (on CPU with the in-core engine)
+    assert engine_executor(stage) == ("uni" if stage.serve.num_gpus == 0 else "default")
+    assert build_app(config, engine_executor(stage)) is not None
     assert stage.serve.config_out.startswith(stage.paths.run_root)
 
 
@@ -76,6 +78,9 @@ def test_every_config_builds_a_serve_app(override):
     (["+serve.replicas=2"], "unknown key"),
     (["serve.engine.gpu_memory_utilization=1.5"], "gpu_memory_utilization"),
     (["serve.ingress=nginx"], "serve.ingress='nginx' is not one of haproxy, proxy"),
+    (["serve.engine.executor=ray"], "serve.engine.executor='ray' is not one of auto, uni, mp"),
+    (["serve.num_gpus=1", "serve.engine.executor=uni"], "is for CPU serving"),
+    (["student.tensor_parallel_size=2", "serve.engine.executor=uni"], "runs one model worker"),
 ])
 def test_wrong_serve_config_is_one_clear_sentence(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -213,6 +218,15 @@ def test_entrypoint_serves_the_newest_student_and_prints_the_url(server):
     # the default front door: HAProxy on serve.port, forwarding to the replica's own port (no proxy actor hop)
     assert "ingress haproxy" in out and haproxy_binary() is not None
     assert any(p.info["name"] == "haproxy" for p in psutil.process_iter(["name"]))
+    # serve.engine.executor=auto on CPU: the model worker runs inside vLLM's engine-core process, with the
+    # replica's CPUs as its OpenMP threads; no worker process of its own
+    titles = {p.pid: " ".join(p.cmdline()) for p in psutil.Process(server.proc.pid).children(recursive=True)}
+    cores = [pid for pid, title in titles.items() if title.startswith("VLLM::EngineCore")]
+    assert cores and not any(title.startswith("VLLM::Worker") for title in titles.values()), titles
+    threads = str(int(serve_stage(_compose(*server.overrides)).serve.num_cpus))
+    for pid in cores:
+        environ = psutil.Process(pid).environ()
+        assert environ["OMP_NUM_THREADS"] == threads and environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
     written = yaml.safe_load((server.run_root / "serve" / "serve_config.yaml").read_text())
     assert written["applications"][0]["import_path"] == "pipeline.serve.app:app_builder"
     assert KEY not in (server.run_root / "serve" / "serve_config.yaml").read_text()

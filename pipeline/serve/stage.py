@@ -13,7 +13,7 @@ from typing import Any
 
 from pipeline.errors import DistillError
 from pipeline.serve.app import build_app, llm_config, write_serve_config
-from pipeline.serve.config import serve_stage
+from pipeline.serve.config import engine_executor, serve_stage
 from pipeline.serve.model import resolve_model
 
 
@@ -43,7 +43,7 @@ def run(cfg: Any) -> dict[str, Any]:
         use_ingress(s.ingress)
     init_ray(stage.cluster)
     serve.start(http_options={"host": s.host, "port": s.port})
-    target = serve.RunTarget(build_app(config), name=s.app_name, route_prefix=s.route_prefix,
+    target = serve.RunTarget(build_app(config, engine_executor(stage)), name=s.app_name, route_prefix=s.route_prefix,
                              logging_config={"enable_access_log": s.access_log})
     serve.run_many([target], wait_for_applications_running=False)
     deadline = time.monotonic() + s.ready_timeout_s
