@@ -7,7 +7,8 @@ and answers an unknown model with a non-OpenAI body. Serving vLLM's app from the
 request validation, errors, SSE streaming, `/health` and `--api-key` behaviour of `vllm serve`, while Ray
 Serve supplies replicas, autoscaling and routing. With Serve's HAProxy ingress (`serve.ingress=haproxy`,
 the default) HAProxy forwards each request straight to a replica's own port: the same one-hop path as
-Ray Serve LLM's "direct streaming", without its router deployment.
+Ray Serve LLM's "direct streaming", without its router deployment. On CPU the replica's engine runs its
+model worker inside vLLM's engine-core process (`serve.engine.executor=auto`; see `pipeline.serve.engine`).
 """
 from __future__ import annotations
 
