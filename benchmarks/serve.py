@@ -4,14 +4,14 @@
     python benchmarks/serve.py [--duration 24] [--rounds 4] [--max-tokens 64] [--root /tmp/bench-serve]
 
 Both servers host the same model with the same engine settings on this machine, both stay up for the whole
-run, and each load level alternates between them in short rounds (standalone, Ray Serve, standalone, ...),
-so drift from a shared, noisy box hits both alike. Same settings includes where the model worker runs
-(`--executor`, default uni: inside vLLM's engine-core process, as `serve.engine.executor=auto` does on CPU);
-a third server, standalone vLLM with its own default layout (mp: a worker process bound to all cores but
-one), is measured in the same rounds and reported in `detail`. The model is a random-init Qwen2 with Qwen's 151,936-token vocabulary
-(~54M parameters, fp32): small enough for CPU, big enough that serving, not HTTP, dominates. Clients are
-the official `openai` AsyncOpenAI, non-streaming chat, `max_tokens` fixed with ignore_eos so every request
-yields the same number of tokens. JSON lines go to stdout, logs to stderr.
+run, and each load level alternates between them in short rounds (standalone, Ray Serve, standalone, ...), so
+drift from a shared, noisy box hits both alike. Same settings includes where the model worker runs
+(`--executor`, default uni: inside vLLM's engine-core process, as `serve.engine.executor=auto` does on CPU); a
+third server, standalone vLLM with its own default layout (mp: a worker process bound to all cores but one),
+is measured in the same rounds and reported in `detail`. The model is a random-init Qwen2 with Qwen's
+151,936-token vocabulary (~54M parameters, fp32): small enough for CPU, big enough that serving, not HTTP,
+dominates. Clients are the official `openai` AsyncOpenAI, non-streaming chat, `max_tokens` fixed with
+ignore_eos so every request yields the same number of tokens. JSON lines go to stdout, logs to stderr.
 """
 from __future__ import annotations
 
@@ -185,13 +185,14 @@ def main() -> None:
     args.root.mkdir(parents=True, exist_ok=True)
     with contextlib.redirect_stdout(sys.stderr):  # library warnings printed on import stay off the JSON lines
         model = build_model(args.root)
-    ports = {name: free_port() for name in ("vllm", "serve", "vllm_default")}
+    names = ["vllm", "serve"] + (["vllm_default"] if args.executor != "mp" else [])  # + standalone vLLM as it comes
+    ports = {name: free_port() for name in names}
     servers = {"vllm": start_vllm(model, ports["vllm"], args.root, args.executor),
                "serve": start_serve(model, ports["serve"], args.root, args.num_cpus, args.ingress, args.executor,
                                     args.serve_arg)}
-    if args.executor != "mp":  # standalone vLLM as it comes, for `detail`
+    if "vllm_default" in ports:
         servers["vllm_default"] = start_vllm(model, ports["vllm_default"], args.root, "mp", "vllm_default")
-    urls = {name: f"http://127.0.0.1:{ports[name]}" for name in servers}
+    urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
     try:
         for name, proc in servers.items():
             proc.wait_healthy(urls[name] + "/health")
@@ -230,7 +231,8 @@ def report(results: dict[int, dict[str, dict]], args) -> None:
     detail = {"per_concurrency": {str(c): ratios(c) for c in results}, "max_tokens": args.max_tokens,
               "duration_s": args.duration, "rounds": args.rounds,
               "model": "random-init Qwen2, 151,936 vocab, ~54M params, fp32",
-              "replica_cpus": args.num_cpus, "ingress": args.ingress, "executor": args.executor, "serve_args": args.serve_arg,
+              "replica_cpus": args.num_cpus, "ingress": args.ingress, "executor": args.executor,
+              "serve_args": args.serve_arg,
               "settle_s": args.settle, "engine": ENGINE, "cpus": os.cpu_count(),
               "failures": sum(r[n]["failures"] for r in results.values() for n in r)}
     key = 16 if 16 in results else max(results)

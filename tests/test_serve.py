@@ -223,14 +223,15 @@ def test_entrypoint_serves_the_newest_student_and_prints_the_url(server):
     titles = {p.pid: " ".join(p.cmdline()) for p in psutil.Process(server.proc.pid).children(recursive=True)}
     cores = [pid for pid, title in titles.items() if title.startswith("VLLM::EngineCore")]
     assert cores and not any(title.startswith("VLLM::Worker") for title in titles.values()), titles
-    threads = str(int(serve_stage(_compose(*server.overrides)).serve.num_cpus))
+    stage = serve_stage(_compose(*server.overrides))
+    threads = str(int(stage.serve.num_cpus))
     for pid in cores:
         environ = psutil.Process(pid).environ()
         assert environ["OMP_NUM_THREADS"] == threads and environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
     written = yaml.safe_load((server.run_root / "serve" / "serve_config.yaml").read_text())
     assert written["applications"][0]["import_path"] == "pipeline.serve.app:app_builder"
     assert KEY not in (server.run_root / "serve" / "serve_config.yaml").read_text()
-    stage = serve_stage(_compose(*server.overrides))  # the file `serve run` is tested with above, for this config
+    # the file `serve run` is tested with above, for this config
     assert written == serve_config(stage, llm_config(stage, resolve_model(stage), api_key=None))
 
 
