@@ -13,6 +13,11 @@ P4 is read with one Ray Train worker holding every core (how a single machine tr
 like the plain loop); two data-parallel workers of one core each (DeepSpeed's all-reduce over gloo, what a
 multi-GPU run does) are measured in the same run and reported in `detail`. The embedded Ray gets one logical
 CPU more than the machine has, so Ray Data's read tasks can run beside workers that hold every core.
+
+`detail.one_core` repeats P4 with one compute thread on each side (a one-CPU worker vs the plain loop with one
+thread), which leaves Ray's own processes (raylet, GCS, Ray Train's controller and helper actors, Ray Data's
+coordinator) a core of their own: it separates what Ray Train + DeepSpeed cost per step from what Ray's
+processes take from a step that holds every core.
 """
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ STUDENT = dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, inter
 GLOBAL_BATCH = 16
 CPUS = os.cpu_count() or 1
 # Ray Train setups: name → (workers, CPUs per worker); each worker's micro-batch is GLOBAL_BATCH / workers
-SETUPS = {"one_worker": (1, CPUS), "two_workers": (2, max(1, CPUS // 2))}
+SETUPS = {"one_worker": (1, CPUS), "two_workers": (2, max(1, CPUS // 2)), "one_core": (1, 1)}
 
 
 def overrides(args, setup: str = "one_worker") -> list[str]:
@@ -88,15 +93,16 @@ def _plain_batches(args, n: int):
     return stage, out
 
 
-def _plain_loop(args):
+def _plain_loop(args, threads: int = CPUS):
     """The single-process set-up both plain parts share: the stage, its pre-collated batches and a function that
-    runs one timed optimizer step (same model, loss and optimizer as the Ray Train runs, all cores)."""
+    runs one timed optimizer step (same model, loss and optimizer as the Ray Train runs; `threads` intra-op
+    threads, all cores unless told)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from pipeline.losses.kd import distillation_loss
 
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(threads)
     stage, batches = _plain_batches(args, args.steps)
     model = AutoModelForCausalLM.from_pretrained(stage.student.name_or_path, dtype=torch.float32)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -116,9 +122,9 @@ def _plain_loop(args):
     return stage, batches, step
 
 
-def part_plain(args, alpha: float | None = None) -> dict:
-    """A single-process torch loop: same model, batch, loss and optimizer, all cores."""
-    stage, batches, step = _plain_loop(args)
+def part_plain(args, alpha: float | None = None, threads: int = CPUS) -> dict:
+    """A single-process torch loop: same model, batch, loss and optimizer, `threads` intra-op threads."""
+    stage, batches, step = _plain_loop(args, threads)
     alpha = stage.loss.alpha if alpha is None else alpha
     tokens, seconds = 0, 0.0
     for i, b in enumerate(batches):
@@ -148,7 +154,8 @@ def part_paired(args) -> dict:
 
 PARTS = {"labels": part_labels, "paired": part_paired, "ray_train": lambda a: part_ray_train(a, "one_worker"),
          "ray_train_dp": lambda a: part_ray_train(a, "two_workers"), "plain": part_plain,
-         "plain_ce": lambda a: part_plain(a, alpha=1.0)}
+         "plain_ce": lambda a: part_plain(a, alpha=1.0), "ray_train_one_core": lambda a: part_ray_train(a, "one_core"),
+         "plain_one_core": lambda a: part_plain(a, threads=1)}
 
 
 def main() -> None:
@@ -167,6 +174,8 @@ def main() -> None:
     ray_train = parts.run_part(__file__, "ray_train", args.root)
     plain = parts.run_part(__file__, "plain", args.root)
     ray_train_dp = parts.run_part(__file__, "ray_train_dp", args.root)
+    one_core = {side: parts.run_part(__file__, f"{side}_one_core", args.root)["tok_s"]
+                for side in ("ray_train", "plain")}
     ce = parts.run_part(__file__, "plain_ce", args.root)
     paired = parts.run_part(__file__, "paired", args.root)
     detail = {"student": STUDENT, "global_batch": GLOBAL_BATCH, "steps": args.steps, "deepspeed": "zero2",
@@ -179,6 +188,9 @@ def main() -> None:
                                  "two_workers": {"tok_s": round(ray_train_dp["tok_s"], 1),
                                                  "ratio": round(ray_train_dp["tok_s"] / plain["tok_s"], 3),
                                                  "cpus_per_worker": SETUPS["two_workers"][1]},
+                                 "one_core": {"ray_deepspeed_tok_s": round(one_core["ray_train"], 1),
+                                              "plain_tok_s": round(one_core["plain"], 1),
+                                              "ratio": round(one_core["ray_train"] / one_core["plain"], 3)},
                                  **detail}}))
     print(json.dumps({"metric": "P5", "name": "KD step (top-k sparse KL) vs CE-only step",
                       "value": round(paired["kd_step_s"] / paired["ce_step_s"], 3), "goal": "<= 1.10", "unit": "ratio",
