@@ -16,6 +16,11 @@ from pipeline.errors import DistillError
 log = logging.getLogger("ray_distill")
 
 
+def is_embedded(cluster: ClusterConfig) -> bool:
+    """Whether the run starts (or started) its own local Ray: no cluster address configured or in RAY_ADDRESS."""
+    return cluster.address is None and not os.environ.get("RAY_ADDRESS")
+
+
 def init_ray(cluster: ClusterConfig) -> None:
     """Join the configured cluster (or RAY_ADDRESS), else start a local one; no-op when Ray is up."""
     import ray
@@ -23,10 +28,9 @@ def init_ray(cluster: ClusterConfig) -> None:
     if ray.is_initialized():
         return
     env_vars = {k: str(v) for k, v in cluster.env_vars.items()}
-    local = cluster.address is None and not os.environ.get("RAY_ADDRESS")
     runtime_env: dict = {"env_vars": env_vars}
     kwargs = {}
-    if local:
+    if is_embedded(cluster):
         kwargs = dict(num_cpus=cluster.num_cpus, include_dashboard=False)
         runtime_env["worker_process_setup_hook"] = quiet_state_api_pollers
     ray.init(address=cluster.address, runtime_env=runtime_env, log_to_driver=True, **kwargs)

@@ -91,6 +91,20 @@ def test_labels_from_another_tokenizer_are_refused(labeled, tmp_path):
     assert "different tokenizer" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_a_worker_group_the_local_ray_cannot_hold_is_refused(labeled, tmp_path):
+    """Ray Train would wait for a third worker's CPU without end, and an embedded local Ray never grows: the run
+    stops with one sentence before any worker starts."""
+    run_root = tmp_path / "run"
+    run_root.mkdir()
+    (run_root / "labels").symlink_to(labeled / "labels")
+    proc = run_job("train.py", "debug=tiny", f"paths.run_root={run_root}", "train.num_workers=3",
+                   "train.cpus_per_worker=1", "cluster.num_cpus=2", check=False, timeout=300)
+    assert proc.returncode == 2
+    assert "3 workers of 1 CPU need 3 CPUs, but the Ray cluster has 2 CPUs" in proc.stderr
+    assert "Traceback" not in proc.stderr and "RayTrainWorker" not in proc.stdout + proc.stderr
+    assert not (run_root / "student" / "metrics.jsonl").exists()
+
+
 def _train_workers(pid: int) -> list:
     """The Ray Train worker processes under a driver started with an embedded local Ray."""
     import psutil
