@@ -11,7 +11,7 @@ import os
 import sys
 
 from pipeline.config import ClusterConfig
-from pipeline.errors import DistillError
+from pipeline.errors import ConfigError, DistillError
 
 log = logging.getLogger("ray_distill")
 
@@ -34,6 +34,30 @@ def init_ray(cluster: ClusterConfig) -> None:
         kwargs = dict(num_cpus=cluster.num_cpus, include_dashboard=False)
         runtime_env["worker_process_setup_hook"] = quiet_state_api_pollers
     ray.init(address=cluster.address, runtime_env=runtime_env, log_to_driver=True, **kwargs)
+
+
+def require_resources(cluster: ClusterConfig, setting: str, count: int, noun: str, each: dict[str, float],
+                      fix: str) -> None:
+    """Stop with one sentence when the embedded local Ray cannot hold `count` × `each` (resource → amount) at once.
+
+    Ray waits for resources it lacks without end (a Ray Train worker group, a Ray Data actor pool's minimum),
+    and an embedded local Ray never grows. A cluster may (an autoscaler), so there the shortfall is logged."""
+    import ray
+
+    need = {k: count * v for k, v in each.items() if v}
+    total = ray.cluster_resources()
+    have = {k: total.get(k, 0) for k in need}
+    if all(need[k] <= have[k] for k in need):
+        return
+    problem = (f"{setting}={count} {noun}{'' if count == 1 else 's'} of {_amounts(each)} need {_amounts(need)}, "
+               f"but the Ray cluster has {_amounts(have, keep_zero=True)}")
+    if is_embedded(cluster):
+        raise ConfigError(f"{problem}; {fix}.")
+    log.warning("%s now; Ray waits until the cluster has grown to hold them.", problem)
+
+
+def _amounts(resources: dict[str, float], keep_zero: bool = False) -> str:
+    return " and ".join(f"{v:g} {k}{'' if v == 1 else 's'}" for k, v in resources.items() if v or keep_zero)
 
 
 def quiet_state_api_pollers() -> None:

@@ -156,6 +156,18 @@ def test_k_beyond_engine_limit_fails_before_any_work(tmp_path):
     assert not (tmp_path / "labels").exists() and not (tmp_path / "models").exists()
 
 
+def test_a_teacher_pool_the_local_ray_cannot_hold_is_refused(tmp_path):
+    """Ray Data would wait for the pool's third actor without end, and an embedded local Ray never grows."""
+    paths, _, _ = write_corpus(tmp_path / "corpus", 4, with_response=False)
+    proc = label(tmp_path, paths, "label.concurrency=[3,3]", "label.num_cpus_per_actor=1", "cluster.num_cpus=2",
+                 check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: label.concurrency[0]=3 teacher actors of 1 CPU need 3 CPUs, but the Ray cluster has 2 CPUs; lower "
+        "label.concurrency[0], label.num_cpus_per_actor or label.num_gpus_per_actor, or raise cluster.num_cpus.")
+    assert "LLM engine" not in proc.stdout + proc.stderr and not list((tmp_path / "labels").glob("part-*"))
+
+
 def test_killed_run_resumes_to_exactly_once(tmp_path):
     """SIGKILL the whole job (driver, Ray, vLLM) once shards appear; the re-run finishes the rest."""
     import psutil

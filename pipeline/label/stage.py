@@ -80,7 +80,7 @@ def run(cfg: Any) -> dict[str, Any]:
     """Label the configured corpus with the configured teacher; returns the end-of-job summary."""
     import ray
 
-    from pipeline.runtime import init_ray
+    from pipeline.runtime import init_ray, require_resources
 
     stage = label_stage(cfg)
     ensure_corpus(stage)
@@ -89,6 +89,11 @@ def run(cfg: Any) -> dict[str, Any]:
     write_manifest(stage.paths.labels_dir, manifest)
     Path(stage.paths.rejected_dir).mkdir(parents=True, exist_ok=True)
     init_ray(stage.cluster)
+    lab = stage.label
+    require_resources(stage.cluster, "label.concurrency[0]", lab.concurrency[0], "teacher actor",
+                      {"CPU": lab.num_cpus_per_actor, "GPU": lab.num_gpus_per_actor},
+                      "lower label.concurrency[0], label.num_cpus_per_actor or label.num_gpus_per_actor, or raise "
+                      "cluster.num_cpus")
 
     from pipeline.label.dataset import build_dataset
     from pipeline.label.prepare import Ledger

@@ -76,39 +76,13 @@ def label_shards(stage: TrainStage) -> list[str]:
     return shards
 
 
-def check_worker_group_fits(stage: TrainStage) -> None:
-    """Ray Train waits for its workers' resources without end; an embedded local Ray can never grow, so a worker
-    group it cannot hold is refused here. A cluster may still grow (an autoscaler), so there it is only logged."""
-    import ray
-
-    from pipeline.runtime import is_embedded
-
-    t = stage.train
-    need = {"CPU": t.num_workers * t.cpus_per_worker, **({"GPU": t.num_workers} if t.use_gpu else {})}
-    total = ray.cluster_resources()
-    have = {k: total.get(k, 0) for k in need}
-    if all(need[k] <= have[k] for k in need):
-        return
-    each = f"{t.cpus_per_worker:g} CPU" + (" and 1 GPU" if t.use_gpu else "")
-    problem = (f"train.num_workers={t.num_workers} workers of {each} need "
-               f"{_amounts(need)}, but the Ray cluster has {_amounts(have)}")
-    if is_embedded(stage.cluster):
-        raise ConfigError(f"{problem}; lower train.num_workers or train.cpus_per_worker, raise cluster.num_cpus, or "
-                          "set train.use_gpu=false on a machine without GPUs.")
-    log.warning("%s now; Ray Train waits until the cluster has grown to hold them.", problem)
-
-
-def _amounts(resources: dict[str, float]) -> str:
-    return " and ".join(f"{v:g} {k}{'' if v == 1 else 's'}" for k, v in resources.items())
-
-
 def run(cfg: Any) -> dict[str, Any]:
     """Train the student on the labels under the run root; returns the last metrics and output paths."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.runtime import init_ray
+    from pipeline.runtime import init_ray, require_resources
 
     stage = train_stage(cfg)
     manifest = read_manifest(stage.paths.labels_dir)
@@ -144,7 +118,10 @@ def run(cfg: Any) -> dict[str, Any]:
                  "train": asdict(t), "loss": asdict(stage.loss), "deepspeed": stage.deepspeed},
     )
     init_ray(stage.cluster)
-    check_worker_group_fits(stage)
+    require_resources(stage.cluster, "train.num_workers", t.num_workers, "worker",
+                      {"CPU": t.cpus_per_worker, "GPU": 1 if t.use_gpu else 0},
+                      "lower train.num_workers or train.cpus_per_worker, raise cluster.num_cpus, or set "
+                      "train.use_gpu=false on a machine without GPUs")
     fraction = t.heldout_fraction
 
     def trained(i: str) -> bool:
