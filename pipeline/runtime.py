@@ -17,8 +17,9 @@ log = logging.getLogger("ray_distill")
 
 
 def is_embedded(cluster: ClusterConfig) -> bool:
-    """Whether the run starts (or started) its own local Ray: no cluster address configured or in RAY_ADDRESS."""
-    return cluster.address is None and not os.environ.get("RAY_ADDRESS")
+    """Whether the run starts (or started) its own local Ray: `cluster.address` is "local", or neither it nor
+    RAY_ADDRESS names a cluster."""
+    return cluster.address == "local" or (cluster.address is None and not os.environ.get("RAY_ADDRESS"))
 
 
 def init_ray(cluster: ClusterConfig) -> None:

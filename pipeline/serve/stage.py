@@ -28,7 +28,7 @@ def run(cfg: Any) -> dict[str, Any]:
     """Deploy the configured student; returns where it is served (after Ctrl-C when blocking)."""
     from ray import serve
 
-    from pipeline.runtime import init_ray
+    from pipeline.runtime import init_ray, is_embedded
 
     stage = serve_stage(cfg)
     s = stage.serve
@@ -36,8 +36,7 @@ def run(cfg: Any) -> dict[str, Any]:
     api_key = s.api_key or os.environ.get(s.api_key_env) or None
     config = llm_config(stage, model, api_key)
     config_file = write_serve_config(stage, config)
-    address = stage.cluster.address
-    local = address == "local" or (address is None and not os.environ.get("RAY_ADDRESS"))
+    local = is_embedded(stage.cluster)
     blocking = local if s.blocking is None else s.blocking
     if local:
         use_ingress(s.ingress)
