@@ -42,16 +42,19 @@ def require_resources(cluster: ClusterConfig, setting: str, count: int, noun: st
     """Stop with one sentence when the embedded local Ray cannot hold `count` × `each` (resource → amount) at once.
 
     Ray waits for resources it lacks without end (a Ray Train worker group, a Ray Data actor pool's minimum),
-    and an embedded local Ray never grows. A cluster may (an autoscaler), so there the shortfall is logged."""
+    and an embedded local Ray never grows. A cluster may (an autoscaler), so there the shortfall is logged.
+    Totals are compared, so a pool that fits in total but not per node (or per GPU, for fractions of GPUs) is
+    not caught here."""
     import ray
 
-    need = {k: count * v for k, v in each.items() if v}
+    need = {k: round(count * v, 6) for k, v in each.items() if v}
     total = ray.cluster_resources()
     have = {k: total.get(k, 0) for k in need}
-    if all(need[k] <= have[k] for k in need):
+    if all(need[k] <= have[k] + 1e-6 for k in need):
         return
-    problem = (f"{setting}={count} {noun}{'' if count == 1 else 's'} of {_amounts(each)} need {_amounts(need)}, "
-               f"but the Ray cluster has {_amounts(have, keep_zero=True)}")
+    many = count != 1
+    problem = (f"{setting}={count} {noun}{'s' if many else ''} of {_amounts(each)} need{'' if many else 's'} "
+               f"{_amounts(need)}, but the Ray cluster has {_amounts(have, keep_zero=True)}")
     if is_embedded(cluster):
         raise ConfigError(f"{problem}; {fix}.")
     log.warning("%s now; Ray waits until the cluster has grown to hold them.", problem)

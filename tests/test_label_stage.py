@@ -165,7 +165,11 @@ def test_a_teacher_pool_the_local_ray_cannot_hold_is_refused(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == (
         "error: label.concurrency[0]=3 teacher actors of 1 CPU need 3 CPUs, but the Ray cluster has 2 CPUs; lower "
         "label.concurrency[0], label.num_cpus_per_actor or label.num_gpus_per_actor, or raise cluster.num_cpus.")
-    assert "LLM engine" not in proc.stdout + proc.stderr and not list((tmp_path / "labels").glob("part-*"))
+    assert "LLM engine" not in proc.stdout + proc.stderr and not (tmp_path / "labels").exists()
+    # reference mode runs no teacher, so a pool it would not start is no reason to refuse it
+    paths, _, _ = write_corpus(tmp_path / "references", 4, with_response=True)
+    label(tmp_path, paths, "label.mode=reference", "label.num_gpus_per_actor=1")
+    assert list((tmp_path / "labels").glob("part-*"))
 
 
 def test_killed_run_resumes_to_exactly_once(tmp_path):

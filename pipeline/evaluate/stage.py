@@ -106,8 +106,13 @@ def generate(stage: EvaluateStage, path: Path, model: ModelConfig, heldout: Path
     from pipeline.label.prepare import Ledger, PrepareSpec, prepare_batch
     from pipeline.label.reader import CorpusDatasource
     from pipeline.label.teacher import TeacherSpec
+    from pipeline.runtime import require_resources
 
     ev = stage.evaluate
+    require_resources(stage.cluster, "evaluate.concurrency[0]", ev.concurrency[0], "generator actor",
+                      {"CPU": ev.num_cpus_per_actor, "GPU": ev.num_gpus_per_actor},
+                      "lower evaluate.concurrency[0], evaluate.num_cpus_per_actor or evaluate.num_gpus_per_actor, or "
+                      "raise cluster.num_cpus")
     prep = PrepareSpec(tokenizer=str(path), revision=None, mode="generate", max_prompt_tokens=ev.max_prompt_tokens,
                        max_response_tokens=ev.max_response_tokens, max_model_len=model.max_model_len)
     spec = TeacherSpec(model=str(path), revision=None, dtype=model.dtype, max_model_len=model.max_model_len,
@@ -224,7 +229,7 @@ def _store(cache: Path, key: str, result: dict[str, Any], reference: pa.Table | 
 
 def run(cfg: Any) -> dict[str, Any]:
     from pipeline.evaluate.report import check_goals, write_report
-    from pipeline.runtime import init_ray, require_resources
+    from pipeline.runtime import init_ray
 
     stage = evaluate_stage(cfg)
     out = Path(stage.paths.eval_dir)
@@ -233,11 +238,6 @@ def run(cfg: Any) -> dict[str, Any]:
     answers = reference_answers(heldout)
     models = models_to_evaluate(stage)
     init_ray(stage.cluster)
-    ev = stage.evaluate
-    require_resources(stage.cluster, "evaluate.concurrency[0]", ev.concurrency[0], "generator actor",
-                      {"CPU": ev.num_cpus_per_actor, "GPU": ev.num_gpus_per_actor},
-                      "lower evaluate.concurrency[0], evaluate.num_cpus_per_actor or evaluate.num_gpus_per_actor, or "
-                      "raise cluster.num_cpus")
     results: dict[str, dict[str, Any]] = {}
     reference, reference_key = None, None
     cache = Path(stage.paths.run_root) / "cache" / "evaluate"

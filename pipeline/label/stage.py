@@ -86,14 +86,15 @@ def run(cfg: Any) -> dict[str, Any]:
     ensure_corpus(stage)
     manifest = build_manifest(stage)
     check_resume(stage, manifest)
-    write_manifest(stage.paths.labels_dir, manifest)
-    Path(stage.paths.rejected_dir).mkdir(parents=True, exist_ok=True)
     init_ray(stage.cluster)
     lab = stage.label
-    require_resources(stage.cluster, "label.concurrency[0]", lab.concurrency[0], "teacher actor",
-                      {"CPU": lab.num_cpus_per_actor, "GPU": lab.num_gpus_per_actor},
-                      "lower label.concurrency[0], label.num_cpus_per_actor or label.num_gpus_per_actor, or raise "
-                      "cluster.num_cpus")
+    if lab.mode != "reference":  # reference mode runs no teacher
+        require_resources(stage.cluster, "label.concurrency[0]", lab.concurrency[0], "teacher actor",
+                          {"CPU": lab.num_cpus_per_actor, "GPU": lab.num_gpus_per_actor},
+                          "lower label.concurrency[0], label.num_cpus_per_actor or label.num_gpus_per_actor, or "
+                          "raise cluster.num_cpus")
+    write_manifest(stage.paths.labels_dir, manifest)
+    Path(stage.paths.rejected_dir).mkdir(parents=True, exist_ok=True)
 
     from pipeline.label.dataset import build_dataset
     from pipeline.label.prepare import Ledger
