@@ -172,6 +172,7 @@ class TrainConfig:
     sequence_parallel_size: int = 1
     heldout_fraction: float = 0.05
     max_eval_rows: int = 256
+    overwrite: bool = False
 
     def validate(self) -> None:
         if not 0 <= self.heldout_fraction < 1:

@@ -78,6 +78,18 @@ def test_two_workers_distil_the_student(labeled, method, zero, extra, tmp_path):
             f"deepspeed={zero}", "train.epochs=6", *extra)
     assert len((run_root / "student" / "metrics.jsonl").read_text().splitlines()) == lines
 
+    # another ZeRO stage on those checkpoints is refused before any work, naming what changed (DeepSpeed would
+    # fail on them); train.overwrite=true starts over, and changing only max_steps does not count as a change
+    other = "zero2" if zero != "zero2" else "zero3"
+    proc = run_job("train.py", "debug=tiny", f"paths.run_root={run_root}", f"train.method={method}",
+                   f"deepspeed={other}", "train.epochs=6", *extra, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "holds checkpoints of a run with a different config (changed: deepspeed)" in proc.stderr
+    assert len((run_root / "student" / "metrics.jsonl").read_text().splitlines()) == lines
+    run_job("train.py", "debug=tiny", f"paths.run_root={run_root}", f"train.method={method}",
+            f"deepspeed={other}", "train.epochs=6", *extra, "train.overwrite=true", "train.max_steps=2")
+    assert sorted(_steps(run_root)) == [1, 2]
+
 
 def test_labels_from_another_tokenizer_are_refused(labeled, tmp_path):
     root = labeled

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,38 @@ def label_shards(stage: TrainStage) -> list[str]:
     return shards
 
 
+# train settings a resumed run may change: how long it runs, how often it checkpoints and reports, what it
+# writes at the end; not what its checkpoints hold
+RESUMABLE = ("epochs", "max_steps", "checkpoint_every", "keep_checkpoints", "report_every", "report_poll_s",
+             "max_failures", "merge", "max_eval_rows", "overwrite")
+RUN_CONFIG = "ray-distill-train.json"  # in paths.train_storage, beside Ray Train's run folder
+
+
+def check_resume(stage: TrainStage, lineage: dict[str, Any]) -> None:
+    """Refuse to resume checkpoints written with a different config (DeepSpeed fails on some, such as another
+    ZeRO stage, and trains on others as if nothing changed), unless told to start over; then record this one."""
+    storage = Path(stage.paths.train_storage)
+    record = storage / RUN_CONFIG
+    current = json.loads(json.dumps({**lineage, "train": {k: v for k, v in lineage["train"].items()
+                                                           if k not in RESUMABLE}}, default=str))
+    current.pop("labels_manifest", None)  # where the labels are, not what they are (their fingerprint is kept)
+    if (storage / "train").exists() and record.exists():
+        old = json.loads(record.read_text())
+        changed = sorted({f"train.{k}" for k in {*old.get("train", {}), *current["train"]}
+                          if old.get("train", {}).get(k) != current["train"].get(k)}
+                         | {k for k in current if k != "train" and old.get(k) != current[k]})
+        if changed and not stage.train.overwrite:
+            raise ConfigError(f"{storage} holds checkpoints of a run with a different config (changed: "
+                              f"{', '.join(changed)}); re-run that config to resume it, use another paths.run_root, "
+                              "or set train.overwrite=true to start over.")
+        if changed:
+            print(f"train: starting over (train.overwrite=true; changed: {', '.join(changed)})", flush=True)
+            shutil.rmtree(storage / "train")
+            shutil.rmtree(stage.paths.student_dir, ignore_errors=True)
+    storage.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(current, indent=2, sort_keys=True))
+
+
 def run(cfg: Any) -> dict[str, Any]:
     """Train the student on the labels under the run root; returns the last metrics and output paths."""
     import ray
@@ -102,6 +135,10 @@ def run(cfg: Any) -> dict[str, Any]:
     micro_per_epoch = math.ceil(per_worker / t.micro_batch_size) * t.sequence_parallel_size
     steps = t.epochs * micro_per_epoch // t.gradient_accumulation_steps
     total_steps = min(steps, t.max_steps) if t.max_steps else steps
+    lineage = {"labels_manifest": str(Path(stage.paths.labels_dir) / "manifest.json"),
+               "labels_fingerprint": manifest.fingerprint(), "student_base": stage.student.name_or_path,
+               "train": asdict(t), "loss": asdict(stage.loss), "deepspeed": stage.deepspeed}
+    check_resume(stage, lineage)
     Path(stage.paths.student_dir).mkdir(parents=True, exist_ok=True)
     spec = WorkerSpec(
         student=stage.student.name_or_path, method=t.method, lora=asdict(t.lora), use_gpu=t.use_gpu,
@@ -113,9 +150,7 @@ def run(cfg: Any) -> dict[str, Any]:
         merge=t.merge, seed=t.seed, sequence_parallel_size=t.sequence_parallel_size, cache_shard_mb=t.cache_shard_mb,
         shuffle=t.shuffle,
         eval_rows=heldout_rows(shards, t.heldout_fraction, t.max_eval_rows),
-        lineage={"labels_manifest": str(Path(stage.paths.labels_dir) / "manifest.json"),
-                 "labels_fingerprint": manifest.fingerprint(), "student_base": stage.student.name_or_path,
-                 "train": asdict(t), "loss": asdict(stage.loss), "deepspeed": stage.deepspeed},
+        lineage=lineage,
     )
     init_ray(stage.cluster)
     require_resources(stage.cluster, "train.num_workers", t.num_workers, "worker",
