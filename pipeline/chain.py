@@ -131,10 +131,15 @@ def fingerprints(plain: dict[str, Any], chain: list[Stage]) -> dict[str, str]:
     out: dict[str, str] = {}
     for stage in chain:
         derived = stage.derive(plain)
-        own = {group: derived.get(group) for group in stage.groups}
+        # `overwrite` says what to do with a different config's outputs, not what a stage makes
+        own = {group: _without_overwrite(derived.get(group)) for group in stage.groups}
         upstream = [out[d] for d in stage.deps if d in out]
         out[stage.name] = hashlib.sha256(json.dumps([own, upstream], sort_keys=True, default=str).encode()).hexdigest()
     return out
+
+
+def _without_overwrite(group: Any) -> Any:
+    return {k: v for k, v in group.items() if k != "overwrite"} if isinstance(group, dict) else group
 
 
 def _entry(name: str) -> Callable[[Any], Any]:

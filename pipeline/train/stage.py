@@ -78,35 +78,57 @@ def label_shards(stage: TrainStage) -> list[str]:
 
 
 # train settings a resumed run may change: how long it runs, how often it checkpoints and reports, what it
-# writes at the end; not what its checkpoints hold
+# writes at the end, how it uses the machine; not what its checkpoints hold
 RESUMABLE = ("epochs", "max_steps", "checkpoint_every", "keep_checkpoints", "report_every", "report_poll_s",
-             "max_failures", "merge", "max_eval_rows", "overwrite")
+             "max_failures", "merge", "max_eval_rows", "overwrite", "cpus_per_worker", "cache_shard_mb",
+             "gradient_checkpointing")
 RUN_CONFIG = "ray-distill-train.json"  # in paths.train_storage, beside Ray Train's run folder
+# what the stage writes into paths.student_dir (all that train.overwrite removes there)
+STUDENT_OUTPUTS = ("adapter", "model", "lineage.json", "metrics.jsonl", "eval.jsonl", "loss.png")
 
 
-def check_resume(stage: TrainStage, lineage: dict[str, Any]) -> None:
+def resume_config(stage: TrainStage, manifest: Manifest) -> dict[str, Any]:
+    """What a run's checkpoints depend on: the labels, the student and every setting not in RESUMABLE."""
+    t = asdict(stage.train)
+    return json.loads(json.dumps({
+        "labels": manifest.fingerprint(), "student": [stage.student.name_or_path, stage.student.revision],
+        "train": {k: v for k, v in t.items() if k not in RESUMABLE}, "loss": asdict(stage.loss),
+        "deepspeed": stage.deepspeed}, default=str))
+
+
+def check_resume(stage: TrainStage, current: dict[str, Any]) -> bool:
     """Refuse to resume checkpoints written with a different config (DeepSpeed fails on some, such as another
-    ZeRO stage, and trains on others as if nothing changed), unless told to start over; then record this one."""
+    ZeRO stage, and trains on others as if nothing changed) unless told to start over; True: start over.
+    Only settings both runs know are compared, so a setting added in a later version does not count."""
     storage = Path(stage.paths.train_storage)
-    record = storage / RUN_CONFIG
-    current = json.loads(json.dumps({**lineage, "train": {k: v for k, v in lineage["train"].items()
-                                                           if k not in RESUMABLE}}, default=str))
-    current.pop("labels_manifest", None)  # where the labels are, not what they are (their fingerprint is kept)
-    if (storage / "train").exists() and record.exists():
-        old = json.loads(record.read_text())
-        changed = sorted({f"train.{k}" for k in {*old.get("train", {}), *current["train"]}
-                          if old.get("train", {}).get(k) != current["train"].get(k)}
-                         | {k for k in current if k != "train" and old.get(k) != current[k]})
-        if changed and not stage.train.overwrite:
-            raise ConfigError(f"{storage} holds checkpoints of a run with a different config (changed: "
-                              f"{', '.join(changed)}); re-run that config to resume it, use another paths.run_root, "
-                              "or set train.overwrite=true to start over.")
-        if changed:
-            print(f"train: starting over (train.overwrite=true; changed: {', '.join(changed)})", flush=True)
-            shutil.rmtree(storage / "train")
-            shutil.rmtree(stage.paths.student_dir, ignore_errors=True)
+    if not (storage / "train").exists() or not (storage / RUN_CONFIG).exists():
+        return False
+    old = json.loads((storage / RUN_CONFIG).read_text())
+    changed = sorted({f"train.{k}" for k in set(old.get("train", {})) & set(current["train"])
+                      if old["train"][k] != current["train"][k]}
+                     | {k for k in set(old) & set(current) if k != "train" and old[k] != current[k]})
+    if changed and not stage.train.overwrite:
+        raise ConfigError(f"{storage} holds checkpoints of a run with a different config (changed: "
+                          f"{', '.join(changed)}); re-run that config to resume it, use another paths.run_root, "
+                          "or set train.overwrite=true to start over.")
+    if changed:
+        print(f"train: starting over (train.overwrite=true; changed: {', '.join(changed)})", flush=True)
+    return bool(changed)
+
+
+def record_run(stage: TrainStage, current: dict[str, Any], start_over: bool) -> None:
+    """Remove the old run's checkpoints and student outputs when starting over; record this run's config."""
+    storage = Path(stage.paths.train_storage)
+    if start_over:
+        shutil.rmtree(storage / "train")
+        for name in STUDENT_OUTPUTS:
+            path = Path(stage.paths.student_dir) / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
     storage.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(current, indent=2, sort_keys=True))
+    (storage / RUN_CONFIG).write_text(json.dumps(current, indent=2, sort_keys=True))
 
 
 def run(cfg: Any) -> dict[str, Any]:
@@ -119,6 +141,8 @@ def run(cfg: Any) -> dict[str, Any]:
 
     stage = train_stage(cfg)
     manifest = read_manifest(stage.paths.labels_dir)
+    current = resume_config(stage, manifest)
+    start_over = check_resume(stage, current)
     shards = label_shards(stage)
     ensure_model(stage.student, "student")
     check_labels_match_student(manifest, stage)
@@ -135,10 +159,7 @@ def run(cfg: Any) -> dict[str, Any]:
     micro_per_epoch = math.ceil(per_worker / t.micro_batch_size) * t.sequence_parallel_size
     steps = t.epochs * micro_per_epoch // t.gradient_accumulation_steps
     total_steps = min(steps, t.max_steps) if t.max_steps else steps
-    lineage = {"labels_manifest": str(Path(stage.paths.labels_dir) / "manifest.json"),
-               "labels_fingerprint": manifest.fingerprint(), "student_base": stage.student.name_or_path,
-               "train": asdict(t), "loss": asdict(stage.loss), "deepspeed": stage.deepspeed}
-    check_resume(stage, lineage)
+    record_run(stage, current, start_over)
     Path(stage.paths.student_dir).mkdir(parents=True, exist_ok=True)
     spec = WorkerSpec(
         student=stage.student.name_or_path, method=t.method, lora=asdict(t.lora), use_gpu=t.use_gpu,
@@ -150,7 +171,9 @@ def run(cfg: Any) -> dict[str, Any]:
         merge=t.merge, seed=t.seed, sequence_parallel_size=t.sequence_parallel_size, cache_shard_mb=t.cache_shard_mb,
         shuffle=t.shuffle,
         eval_rows=heldout_rows(shards, t.heldout_fraction, t.max_eval_rows),
-        lineage=lineage,
+        lineage={"labels_manifest": str(Path(stage.paths.labels_dir) / "manifest.json"),
+                 "labels_fingerprint": manifest.fingerprint(), "student_base": stage.student.name_or_path,
+                 "train": asdict(t), "loss": asdict(stage.loss), "deepspeed": stage.deepspeed},
     )
     init_ray(stage.cluster)
     require_resources(stage.cluster, "train.num_workers", t.num_workers, "worker",
