@@ -131,8 +131,10 @@ def fingerprints(plain: dict[str, Any], chain: list[Stage]) -> dict[str, str]:
     out: dict[str, str] = {}
     for stage in chain:
         derived = stage.derive(plain)
-        # `overwrite` says what to do with a different config's outputs, not what a stage makes
-        own = {group: _without_overwrite(derived.get(group)) for group in stage.groups}
+        own = {group: derived.get(group) for group in stage.groups}
+        # train.overwrite says what to do with another config's checkpoints, not what train makes; left out, the
+        # train fingerprint is what it was before the key existed (label.overwrite stays in, as it always was)
+        own = {**own, "train": _without_overwrite(own["train"])} if "train" in own else own
         upstream = [out[d] for d in stage.deps if d in out]
         out[stage.name] = hashlib.sha256(json.dumps([own, upstream], sort_keys=True, default=str).encode()).hexdigest()
     return out
