@@ -134,14 +134,11 @@ def fingerprints(plain: dict[str, Any], chain: list[Stage]) -> dict[str, str]:
         own = {group: derived.get(group) for group in stage.groups}
         # train.overwrite says what to do with another config's checkpoints, not what train makes; left out, the
         # train fingerprint is what it was before the key existed (label.overwrite stays in, as it always was)
-        own = {**own, "train": _without_overwrite(own["train"])} if "train" in own else own
+        if isinstance(own.get("train"), dict):
+            own["train"] = {k: v for k, v in own["train"].items() if k != "overwrite"}
         upstream = [out[d] for d in stage.deps if d in out]
         out[stage.name] = hashlib.sha256(json.dumps([own, upstream], sort_keys=True, default=str).encode()).hexdigest()
     return out
-
-
-def _without_overwrite(group: Any) -> Any:
-    return {k: v for k, v in group.items() if k != "overwrite"} if isinstance(group, dict) else group
 
 
 def _entry(name: str) -> Callable[[Any], Any]:

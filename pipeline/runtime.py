@@ -47,10 +47,10 @@ def require_resources(cluster: ClusterConfig, setting: str, count: int, noun: st
     not caught here."""
     import ray
 
-    need = {k: round(count * v, 6) for k, v in each.items() if v}
+    need = {k: count * v for k, v in each.items() if v}
     total = ray.cluster_resources()
     have = {k: total.get(k, 0) for k in need}
-    if all(need[k] <= have[k] + 1e-6 for k in need):
+    if all(need[k] <= have[k] + 1e-6 for k in need):  # 1e-6: float products such as 10 × 0.7
         return
     many = count != 1
     problem = (f"{setting}={count} {noun}{'s' if many else ''} of {_amounts(each)} need{'' if many else 's'} "
