@@ -151,8 +151,13 @@ def run(cfg: Any) -> dict[str, str]:
     """Run the chain; returns stage name → "ran" or "skipped"."""
     from omegaconf import OmegaConf
 
+    from pipeline.plan import make_plan
+
     plain = resolve(cfg)
     plain.pop("hydra", None)
+    # ray_jobs/plan.py's check before the first stage: every stage's config is consistent and its minimum fits the
+    # cluster described in config (or this machine), so a run never stops at stage four for want of a GPU
+    make_plan(plain, with_serve=plain["run"]["serve"])
     root = Path(plain["paths"]["run_root"])
     chain = stages(plain)
     prints = fingerprints(plain, chain)

@@ -33,6 +33,11 @@ class ClusterConfig:
     address: str | None = None
     num_cpus: int | None = None
     env_vars: dict[str, str] = field(default_factory=dict)
+    # node type -> {cpus, gpus, gpu_type, memory_gb, min_nodes, max_nodes} (ray_jobs/plan.py); None: this machine
+    node_types: dict[str, dict[str, Any]] | None = None
+
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 @dataclass
@@ -43,6 +48,20 @@ class ModelConfig:
     max_model_len: int = 4096
     tensor_parallel_size: int = 1
     build: dict[str, Any] | None = None
+    # parameters (from the model card) for ray_jobs/plan.py's memory and time estimates; null: read from the model
+    num_parameters: float | None = None
+
+    def validate(self, role: str) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"{role}.dtype={self.dtype!r} is not a dtype; use one of {', '.join(DTYPES)}.")
+        if self.tensor_parallel_size < 1:
+            raise ConfigError(f"{role}.tensor_parallel_size={self.tensor_parallel_size} must be at least 1.")
+
+
+def training_precision(student: ModelConfig, use_gpu: bool) -> str:
+    """bf16, fp16 or fp32: the student's dtype (auto: bf16 on GPUs, fp32 on CPUs) as DeepSpeed trains it."""
+    return {"auto": "bf16" if use_gpu else "fp32", "bfloat16": "bf16", "float16": "fp16",
+            "float32": "fp32"}[student.dtype]
 
 
 @dataclass
@@ -113,6 +132,12 @@ class LabelConfig:
         lo, hi = self.concurrency
         if not 1 <= lo <= hi:
             raise ConfigError(f"label.concurrency={list(self.concurrency)} must be [min, max] with 1 <= min <= max.")
+        tp, gpus = teacher.tensor_parallel_size, self.num_gpus_per_actor
+        if self.mode != "reference" and (tp > 1 or gpus > 1) and gpus != tp:  # reference mode runs no teacher
+            raise ConfigError(
+                f"teacher.tensor_parallel_size={tp} spreads the teacher over {tp} GPU{'s' if tp > 1 else ''} per "
+                f"actor, but label.num_gpus_per_actor={gpus:g}; set label.num_gpus_per_actor to the teacher's "
+                "tensor_parallel_size (the presets interpolate ${teacher.tensor_parallel_size}).")
         if self.batch_size < 1 or self.prepare_batch_size < 1:
             raise ConfigError("label.batch_size and label.prepare_batch_size must be positive.")
         if self.mode == "generate" and not 0 <= self.sampling.temperature:
@@ -174,7 +199,11 @@ class TrainConfig:
     max_eval_rows: int = 256
     overwrite: bool = False
 
-    def validate(self) -> None:
+    def validate(self, student: ModelConfig | None = None) -> None:
+        if student is not None and not self.use_gpu and training_precision(student, False) != "fp32":
+            raise ConfigError(f"student.dtype={student.dtype} trains in {training_precision(student, True)} on GPUs "
+                              "only, but train.use_gpu=false trains on CPUs (in float32); set train.use_gpu=true, or "
+                              "student.dtype=float32 (or auto) to train on CPUs.")
         if not 0 <= self.heldout_fraction < 1:
             raise ConfigError(f"train.heldout_fraction={self.heldout_fraction} must be in [0, 1).")
         if self.method not in ("lora", "full"):
@@ -243,7 +272,7 @@ class EvalConfig:
     latency_requests: int = 8
     concurrency: tuple[int, int] = (1, 1)
     num_cpus_per_actor: float = 1
-    num_gpus_per_actor: float = 0
+    use_gpu: bool = False
     engine: EngineConfig = field(default_factory=EngineConfig)
     baseline_path: str | None = None
     reuse: bool = True
@@ -264,6 +293,10 @@ class EvalConfig:
         lo, hi = self.concurrency
         if not 1 <= lo <= hi:
             raise ConfigError(f"evaluate.concurrency={list(self.concurrency)} must be [min, max] with 1 <= min <= max.")
+        for model in models:
+            if not self.use_gpu and model.tensor_parallel_size > 1:
+                raise ConfigError(f"{model.name_or_path} has tensor_parallel_size={model.tensor_parallel_size}, which "
+                                  "needs GPUs, but evaluate.use_gpu=false; set evaluate.use_gpu=true.")
 
 
 @dataclass
@@ -328,6 +361,7 @@ def label_stage(cfg: Any) -> LabelStage:
         label=to_dataclass(LabelConfig, plain["label"], "label"),
         seed=plain.get("seed", 0),
     )
+    stage.teacher.validate("teacher")
     stage.label.validate(stage.teacher)
     if not stage.data.paths:
         raise ConfigError("data.paths is empty; list the corpus files (jsonl or Parquet) to label.")
@@ -345,7 +379,8 @@ def train_stage(cfg: Any) -> TrainStage:
         deepspeed=dict(plain["deepspeed"]),
         seed=plain.get("seed", 0),
     )
-    stage.train.validate()
+    stage.student.validate("student")
+    stage.train.validate(stage.student)
     stage.loss.validate()
     return stage
 
@@ -361,5 +396,7 @@ def evaluate_stage(cfg: Any) -> EvaluateStage:
         evaluate=to_dataclass(EvalConfig, plain["evaluate"], "evaluate"),
         seed=plain.get("seed", 0),
     )
+    stage.teacher.validate("teacher")
+    stage.student.validate("student")
     stage.evaluate.validate((stage.data.build or {}).get("seed", stage.seed), stage.teacher, stage.student)
     return stage

@@ -71,7 +71,7 @@ def test_a_single_process_runs_zero_1_and_2_as_stage_0():
 
     def stage(zero: dict, world_size: int) -> int:
         spec = SimpleNamespace(deepspeed={"zero_optimization": zero}, micro_batch_size=4,
-                               gradient_accumulation_steps=1, grad_clip=1.0, use_gpu=False)
+                               gradient_accumulation_steps=1, grad_clip=1.0, precision="fp32")
         return deepspeed_config(spec, world_size)["zero_optimization"]["stage"]
 
     assert stage({"stage": 2}, 1) == 0 and stage({"stage": 1}, 1) == 0

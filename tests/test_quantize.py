@@ -159,11 +159,11 @@ def test_lora_merge_gives_the_logits_of_base_plus_adapter(run_root, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from pipeline.quantize.merge import find_student, merge_adapter
+    from pipeline.models.merge import find_student, merge_adapter
 
     base = run_root / "student" / "model"
     _lora_student(base, tmp_path / "student")
-    kind, adapter, base_path = find_student(str(tmp_path / "student"))
+    kind, adapter, base_path, _ = find_student(str(tmp_path / "student"))
     assert (kind, Path(base_path)) == ("adapter", base)
     merged = AutoModelForCausalLM.from_pretrained(merge_adapter(adapter, base_path, tmp_path / "merged")).eval()
     reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()

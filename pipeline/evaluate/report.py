@@ -51,7 +51,7 @@ def write_report(summary: dict[str, Any], out: Path) -> Path:
              "| model | parameters | weights MB | accuracy | top-1 agreement | KL to teacher | perplexity | "
              "latency ms/request | median ms/request | tokens/s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for role, r in models.items():
-        lines.append(f"| {ROLES.get(role, role)} | {r['parameters']:,} | {r['weights_mb']:.1f} | "
+        lines.append(f"| {ROLES.get(role, role)} | {r['parameters']:,} | {_fmt(r['weights_mb'], '.1f')} | "
                      f"{_fmt(r['accuracy'], '.3f')} | {_fmt(r['top1_agreement'], '.3f')} | "
                      f"{_fmt(r['kl_to_teacher'], '.4f')} | {_fmt(r['perplexity'], '.3f')} | "
                      f"{_fmt(r['latency_ms'], '.1f')} | {_fmt(r.get('latency_p50_ms'), '.1f')} | "

@@ -60,13 +60,13 @@ def reference_answers(path: Path) -> dict[int, str]:
 def student_path(student_dir: str, merged: Path) -> Path:
     """A train-stage output as full weights: `model/`, or the adapter merged into its base (merged afresh on
     every run, so a retrained adapter is never shadowed by an older merge)."""
-    from pipeline.quantize.merge import find_student, merge_adapter
+    from pipeline.models.merge import find_student, merge_adapter
 
-    kind, source, base = find_student(student_dir)
+    kind, source, base, revision = find_student(student_dir)
     if kind == "model":
         return source
     shutil.rmtree(merged, ignore_errors=True)
-    merge_adapter(source, base, merged)
+    merge_adapter(source, base, merged, revision=revision)
     return merged
 
 
@@ -78,28 +78,31 @@ def quantized_path(stage: EvaluateStage) -> Path | None:
     return None
 
 
-def models_to_evaluate(stage: EvaluateStage) -> dict[str, tuple[Path, ModelConfig]]:
-    """role → (HF directory, engine settings), the teacher first: its responses are everyone's reference."""
-    from pipeline.models.load import ensure_model
+def models_to_evaluate(stage: EvaluateStage) -> dict[str, ModelConfig]:
+    """role → the model (a directory, or a hub id at a pinned commit) with its engine settings; the teacher
+    first: its responses are everyone's reference."""
+    from pipeline.models.load import ensure_model, is_local, pin_revision
 
     ensure_model(stage.teacher, "teacher")
-    models = {"teacher": (Path(stage.teacher.name_or_path), stage.teacher),
-              "student": (student_path(stage.paths.student_dir, Path(stage.paths.eval_dir) / "student-merged"),
-                          stage.student)}
+    student = student_path(stage.paths.student_dir, Path(stage.paths.eval_dir) / "student-merged")
+    models = {"teacher": pin_revision(stage.teacher, "teacher"),
+              "student": dataclasses.replace(stage.student, name_or_path=str(student), revision=None)}
     quantized = quantized_path(stage)
-    if quantized:
-        models["quantized"] = (quantized, ModelConfig(str(quantized), dtype="auto",
-                                                      max_model_len=stage.student.max_model_len))
-    if stage.evaluate.baseline_path:  # an HF directory, or a train-stage output (model/ or adapter/)
-        base = Path(stage.evaluate.baseline_path)
-        if not (base / "config.json").exists():
-            base = student_path(str(base), Path(stage.paths.eval_dir) / "baseline-merged")
-        models["sft_baseline"] = (base, stage.student)
+    if quantized:  # GPTQ checkpoints pick their own dtype
+        models["quantized"] = ModelConfig(str(quantized), dtype="auto", max_model_len=stage.student.max_model_len,
+                                          tensor_parallel_size=stage.student.tensor_parallel_size)
+    if stage.evaluate.baseline_path:  # a hub id, an HF directory, or a train-stage output (model/ or adapter/)
+        base = stage.evaluate.baseline_path
+        if is_local(base) and not (Path(base) / "config.json").exists():
+            base = str(student_path(base, Path(stage.paths.eval_dir) / "baseline-merged"))
+        models["sft_baseline"] = pin_revision(dataclasses.replace(stage.student, name_or_path=base, revision=None),
+                                              "evaluate.baseline_path")
     return models
 
 
-def generate(stage: EvaluateStage, path: Path, model: ModelConfig, heldout: Path) -> pa.Table:
-    """Greedy responses with top-k logprobs for every held-out row, through Ray Data + vLLM actors."""
+def generate(stage: EvaluateStage, model: ModelConfig, heldout: Path) -> pa.Table:
+    """Greedy responses with top-k logprobs for every held-out row, through Ray Data + vLLM actors (each spans
+    the model's tensor_parallel_size GPUs with evaluate.use_gpu)."""
     import ray
 
     from pipeline.evaluate.workers import Generator
@@ -109,16 +112,18 @@ def generate(stage: EvaluateStage, path: Path, model: ModelConfig, heldout: Path
     from pipeline.runtime import require_resources
 
     ev = stage.evaluate
+    gpus = model.tensor_parallel_size if ev.use_gpu else 0
     require_resources(stage.cluster, "evaluate.concurrency[0]", ev.concurrency[0], "generator actor",
-                      {"CPU": ev.num_cpus_per_actor, "GPU": ev.num_gpus_per_actor},
-                      "lower evaluate.concurrency[0], evaluate.num_cpus_per_actor or evaluate.num_gpus_per_actor, or "
-                      "raise cluster.num_cpus")
-    prep = PrepareSpec(tokenizer=str(path), revision=None, mode="generate", max_prompt_tokens=ev.max_prompt_tokens,
-                       max_response_tokens=ev.max_response_tokens, max_model_len=model.max_model_len)
-    spec = TeacherSpec(model=str(path), revision=None, dtype=model.dtype, max_model_len=model.max_model_len,
-                       tensor_parallel_size=model.tensor_parallel_size, mode="generate", k=ev.k,
-                       max_response_tokens=ev.max_response_tokens, temperature=0.0, top_p=1.0, seed=None,
-                       **dataclasses.asdict(ev.engine))
+                      {"CPU": ev.num_cpus_per_actor, "GPU": gpus},
+                      "lower evaluate.concurrency[0] or evaluate.num_cpus_per_actor, set evaluate.use_gpu=false on a "
+                      "machine without GPUs, or raise cluster.num_cpus")
+    prep = PrepareSpec(tokenizer=model.name_or_path, revision=model.revision, mode="generate",
+                       max_prompt_tokens=ev.max_prompt_tokens, max_response_tokens=ev.max_response_tokens,
+                       max_model_len=model.max_model_len)
+    spec = TeacherSpec(model=model.name_or_path, revision=model.revision, dtype=model.dtype,
+                       max_model_len=model.max_model_len, tensor_parallel_size=model.tensor_parallel_size,
+                       mode="generate", k=ev.k, max_response_tokens=ev.max_response_tokens, temperature=0.0,
+                       top_p=1.0, seed=None, **dataclasses.asdict(ev.engine))
     nowhere = str(Path(stage.paths.eval_dir) / "no-earlier-rows")  # evaluation never resumes: an empty ledger
     ledger = Ledger.remote(nowhere, nowhere)
     ds = ray.data.read_datasource(CorpusDatasource([str(heldout)]))
@@ -127,18 +132,18 @@ def generate(stage: EvaluateStage, path: Path, model: ModelConfig, heldout: Path
     ds = ds.map_batches(Generator, fn_constructor_kwargs={"spec": spec, "latency_requests": ev.latency_requests},
                         batch_format="pyarrow", batch_size=ev.batch_size,
                         compute=ray.data.ActorPoolStrategy(min_size=ev.concurrency[0], max_size=ev.concurrency[1]),
-                        num_cpus=ev.num_cpus_per_actor, num_gpus=ev.num_gpus_per_actor)
+                        num_cpus=ev.num_cpus_per_actor, num_gpus=gpus)
     table = pa.concat_tables(list(ds.iter_batches(batch_size=None, batch_format="pyarrow")))
     ray.kill(ledger)
     return table.sort_by("line")
 
 
-def generation_metrics(table: pa.Table, answers: dict[int, str], tokenizer_path: Path, metric: str) -> dict[str, Any]:
+def generation_metrics(table: pa.Table, answers: dict[int, str], model: ModelConfig, metric: str) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from pipeline.evaluate.metrics import answer_correct
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    tok = AutoTokenizer.from_pretrained(model.name_or_path, revision=model.revision)
     ok = table.filter(pc.is_null(table["reason"]))
     texts = tok.batch_decode(ok["response_ids"].to_pylist(), skip_special_tokens=True)
     graded = [(answers[line], text) for line, text in zip(ok["line"].to_pylist(), texts) if line in answers]
@@ -156,8 +161,9 @@ def generation_metrics(table: pa.Table, answers: dict[int, str], tokenizer_path:
     }
 
 
-def teacher_forced(stage: EvaluateStage, path: Path, reference: pa.Table, max_seq_len: int) -> dict[str, Any]:
-    """Agreement / KL / perplexity of the model at `path` on the teacher's responses, via HF-model actors."""
+def teacher_forced(stage: EvaluateStage, model: ModelConfig, reference: pa.Table, max_seq_len: int) -> dict[str, Any]:
+    """Agreement / KL / perplexity of `model` on the teacher's responses, via HF-model actors (one GPU each with
+    evaluate.use_gpu)."""
     import ray
 
     from pipeline.evaluate.metrics import summarize
@@ -166,10 +172,12 @@ def teacher_forced(stage: EvaluateStage, path: Path, reference: pa.Table, max_se
 
     ev = stage.evaluate
     ds = ray.data.from_arrow(reference.select(REQUIRED_COLUMNS))
-    ds = ds.map_batches(Scorer, fn_constructor_kwargs={"model_path": str(path), "k": ev.k, "max_seq_len": max_seq_len},
+    ds = ds.map_batches(Scorer, fn_constructor_kwargs={"model": model.name_or_path, "revision": model.revision,
+                                                       "dtype": model.dtype, "use_gpu": ev.use_gpu, "k": ev.k,
+                                                       "max_seq_len": max_seq_len},
                         batch_format="numpy", batch_size=ev.scorer_batch_size,
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=ev.concurrency[1]),
-                        num_cpus=ev.num_cpus_per_actor)
+                        num_cpus=ev.num_cpus_per_actor, num_gpus=1 if ev.use_gpu else 0)
     sums = {"tokens": 0.0, "agree": 0.0, "kl": 0.0, "nll": 0.0}
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for key in sums:
@@ -177,12 +185,12 @@ def teacher_forced(stage: EvaluateStage, path: Path, reference: pa.Table, max_se
     return summarize(sums)
 
 
-def count_parameters(path: Path) -> int:
+def count_parameters(model: ModelConfig) -> int:
     """Parameters of the architecture (a quantized model counts its unquantized shape), built on `meta`."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(model.name_or_path, revision=model.revision)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     with torch.device("meta"):
@@ -190,17 +198,28 @@ def count_parameters(path: Path) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def weights_mb(path: Path) -> float:
-    return sum(p.stat().st_size for p in path.iterdir() if p.suffix in (".safetensors", ".bin")) / 2**20
+def weights_mb(model: ModelConfig) -> float | None:
+    """Size of the weight files: a directory's, or a hub model's in the local cache (else from the hub's file
+    list; None when neither is reachable)."""
+    from pipeline.models.load import local_files
+
+    folder = local_files(model.name_or_path, model.revision)
+    if folder is not None:
+        return sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".safetensors", ".bin")) / 2**20
+    try:
+        from huggingface_hub import HfApi
+
+        info = HfApi().model_info(model.name_or_path, revision=model.revision, files_metadata=True)
+        return sum(f.size or 0 for f in info.siblings if f.rfilename.endswith((".safetensors", ".bin"))) / 2**20
+    except Exception:  # noqa: BLE001 - the size is informational; the report shows it as unknown
+        return None
 
 
-def cache_key(kind: str, path: Path, model: ModelConfig, stage: EvaluateStage, heldout: Path,
-              reference: str | None) -> str:
+def cache_key(kind: str, model: ModelConfig, stage: EvaluateStage, heldout: Path, reference: str | None) -> str:
     """What a model's evaluation depends on: its weights and engine settings, the held-out rows, the evaluate
     settings (not `baseline_path`, which only picks the models) and, unless it is the teacher, the reference."""
     from pipeline.models.load import model_fingerprint
 
-    model = dataclasses.replace(model, name_or_path=str(path))
     settings = {k: v for k, v in dataclasses.asdict(stage.evaluate).items() if k not in ("baseline_path", "reuse")}
     payload = {"kind": kind, "model": model_fingerprint(model), "engine": dataclasses.asdict(model),
                "evaluate": settings, "heldout": hashlib.sha256(heldout.read_bytes()).hexdigest(),
@@ -241,9 +260,10 @@ def run(cfg: Any) -> dict[str, Any]:
     results: dict[str, dict[str, Any]] = {}
     reference, reference_key = None, None
     cache = Path(stage.paths.run_root) / "cache" / "evaluate"
-    for role, (path, model) in models.items():
+    for role, model in models.items():
+        path = model.name_or_path + (f"@{model.revision[:12]}" if model.revision else "")
         kind = "reference" if reference is None else "scored"
-        key = cache_key(kind, path, model, stage, heldout, reference_key)
+        key = cache_key(kind, model, stage, heldout, reference_key)
         hit = _cached(cache, key, kind == "reference") if stage.evaluate.reuse else None
         if hit:
             result, table = hit
@@ -254,8 +274,8 @@ def run(cfg: Any) -> dict[str, Any]:
             results[role] = result
             continue
         print(f"evaluate: {role} ({path})", flush=True)
-        table = generate(stage, path, model, heldout)
-        result = generation_metrics(table, answers, path, stage.evaluate.metric)
+        table = generate(stage, model, heldout)
+        result = generation_metrics(table, answers, model, stage.evaluate.metric)
         if kind == "reference":  # the teacher: the reference itself
             reference, reference_key = table.filter(pc.is_null(table["reason"])), key
             tokens = pc.sum(pc.list_value_length(reference["response_ids"])).as_py() or 0
@@ -264,8 +284,8 @@ def run(cfg: Any) -> dict[str, Any]:
                           perplexity=math.exp(-logprob / tokens) if tokens else None)
         else:
             max_seq_len = stage.evaluate.max_prompt_tokens + stage.evaluate.max_response_tokens
-            result.update(teacher_forced(stage, path, reference, max_seq_len))
-        result.update(path=str(path), parameters=count_parameters(path), weights_mb=weights_mb(path),
+            result.update(teacher_forced(stage, model, reference, max_seq_len))
+        result.update(path=path, parameters=count_parameters(model), weights_mb=weights_mb(model),
                       evaluated_at=time.strftime("%Y-%m-%d %H:%M:%S"))
         _store(cache, key, result, reference if kind == "reference" else None)
         results[role] = dict(result, reused=False)

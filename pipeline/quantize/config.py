@@ -129,14 +129,14 @@ def missing_packages(method: str) -> list[str]:
     return [name for name in METHODS[method].packages if importlib.util.find_spec(name) is None]
 
 
-def check_group_size(q: QuantizeConfig, model: str | Path) -> None:
+def check_group_size(q: QuantizeConfig, model: str | Path, revision: str | None = None) -> None:
     """GPTQ/AWQ groups run along each linear layer's input dimension, so the group must divide it."""
     if q.method not in ("gptq", "awq") or q.group_size == -1:
         return
     from transformers import AutoConfig
 
     try:
-        text = AutoConfig.from_pretrained(str(model)).get_text_config()
+        text = AutoConfig.from_pretrained(str(model), revision=revision).get_text_config()
     except (OSError, ValueError) as e:
         raise ModelError(f"Cannot read the student's config from {model} ({str(e).splitlines()[0][:160]}).") from None
     widths = {"hidden_size": getattr(text, "hidden_size", None),

@@ -23,7 +23,7 @@ from pipeline.quantize.config import METHODS, QuantizeConfig, QuantizeStage, che
     quantize_stage
 from pipeline.quantize.data import calibration_examples, split_record, split_rows
 from pipeline.quantize.gate import QualityGateError, failure_sentence, verdict
-from pipeline.quantize.merge import find_student
+from pipeline.models.merge import find_student
 
 log = logging.getLogger("ray_distill.quantize")
 
@@ -45,10 +45,11 @@ def quantize_task(spec: dict[str, Any], held, calib) -> dict[str, Any]:
     src, timings = Path(spec["source"]), {}
     t0 = time.perf_counter()
     if spec["kind"] == "adapter":
-        from pipeline.quantize.merge import merge_adapter
+        from pipeline.models.merge import merge_adapter
 
         print(f"quantize: merging the LoRA adapter {src} into {spec['base']}", flush=True)
-        src = merge_adapter(src, spec["base"], staging.parent / f".{staging.name}-merged")
+        src = merge_adapter(src, spec["base"], staging.parent / f".{staging.name}-merged",
+                            revision=spec["base_revision"])
         timings["merge_s"] = round(time.perf_counter() - t0, 2)
     # the gate compares like with like: both models in float32 on CPU, bfloat16 on GPU
     eval_dtype = torch.bfloat16 if gpu else torch.float32
@@ -131,8 +132,8 @@ def run(cfg: Any) -> dict[str, Any]:
     if missing and not METHODS[q.method].needs_gpu:  # GPU methods are checked on the GPU worker
         raise ConfigError(f"quantize.method={q.method} needs the Python package(s) {missing}; install the "
                           "project's `quant` extra (pip install -e '.[quant]').")
-    kind, source, base = find_student(paths.student_dir)
-    check_group_size(q, source if kind == "model" else base)
+    kind, source, base, base_revision = find_student(paths.student_dir)
+    check_group_size(q, source if kind == "model" else base, None if kind == "model" else base_revision)
     labels = read_manifest(paths.labels_dir)
     held, calib = split_rows(paths.labels_dir, q.heldout_fraction, q.max_heldout_rows, q.calibration_rows)
     if METHODS[q.method].calibrated and calib.num_rows == 0:
@@ -145,8 +146,8 @@ def run(cfg: Any) -> dict[str, Any]:
     staging.parent.mkdir(parents=True, exist_ok=True)
     init_ray(stage.cluster)
     check_cluster_gpus(q)
-    spec = {"quantize": asdict(q), "kind": kind, "source": str(source), "base": base, "staging": str(staging),
-            "k": labels.k}
+    spec = {"quantize": asdict(q), "kind": kind, "source": str(source), "base": base, "base_revision": base_revision,
+            "staging": str(staging), "k": labels.k}
     task = ray.remote(num_cpus=q.num_cpus, num_gpus=q.num_gpus)(quantize_task)
     result = ray.get(task.remote(spec, held, calib))
     manifest = {
@@ -155,6 +156,7 @@ def run(cfg: Any) -> dict[str, Any]:
         "device": result["device"], "eval_dtype": result["eval_dtype"],
     }
     lineage = _lineage(paths, kind, source, base, labels)
+    lineage["student"]["base_revision"] = base_revision
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
     (staging / "lineage.json").write_text(json.dumps(lineage, indent=2, sort_keys=True))
     write_card(staging, manifest, lineage)

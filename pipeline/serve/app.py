@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.serve.config import ServeStage, engine_executor
-from pipeline.serve.model import ServedModel
+from pipeline.serve.model import ServedModel, is_quantized
 
 IMPORT_PATH = "pipeline.serve.app:app_builder"
 
@@ -30,8 +30,13 @@ def llm_config(stage: ServeStage, model: ServedModel, api_key: str | None = None
               "tensor_parallel_size": stage.student.tensor_parallel_size}
     if e.max_model_len:
         engine["max_model_len"] = e.max_model_len
-    if e.dtype:
-        engine["dtype"] = e.dtype
+    # serve.engine.dtype, else the student's dtype; a quantized checkpoint (GPTQ: float16/bfloat16 kernels) picks
+    # its own unless told
+    dtype = e.dtype or (None if is_quantized(model) else stage.student.dtype)
+    if dtype and dtype != "auto":
+        engine["dtype"] = dtype
+    if model.revision:
+        engine["revision"] = engine["tokenizer_revision"] = model.revision
     engine.update(e.extra)
     if api_key:
         engine["api_key"] = [api_key]  # vLLM's --api-key: requests under /v1 need `Authorization: Bearer <key>`

@@ -48,6 +48,7 @@ INGRESSES = ("haproxy", "proxy")
 @dataclass
 class ServeConfig:
     model_path: str | None = None
+    model_revision: str | None = None
     model_id: str = "student"
     app_name: str = "student"
     host: str = "127.0.0.1"

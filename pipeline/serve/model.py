@@ -1,5 +1,6 @@
-"""Which directory the serve stage hosts: `serve.model_path` when set, else the newest student under the
-run root — the quantize stage's output when present, else the train stage's full (or merged) weights.
+"""Which model the serve stage hosts: `serve.model_path` when set (a directory, or a hub id at
+`serve.model_revision`, pinned to its commit), else the newest student under the run root — the quantize
+stage's output when present, else the train stage's full (or merged) weights.
 
 A LoRA-only student is refused with one sentence rather than served as base + adapter: the quantize stage
 merges adapters, and serving one merged directory keeps every replica's engine identical and simple.
@@ -19,8 +20,19 @@ log = logging.getLogger("ray_distill.serve")
 
 @dataclass
 class ServedModel:
-    path: str
+    path: str  # a directory or a hub id
     source: str  # "model_path", "quantized" or "student"
+    revision: str | None = None  # a hub model's commit
+
+
+def is_quantized(model: ServedModel) -> bool:
+    """Whether the checkpoint carries a quantization config (then it picks its own dtype)."""
+    from pipeline.models.load import local_files
+
+    folder = local_files(model.path, model.revision)
+    if folder is None or not (folder / "config.json").is_file():
+        return model.source == "quantized"
+    return "quantization_config" in json.loads((folder / "config.json").read_text())
 
 
 def _is_hf_dir(path: Path) -> bool:
@@ -33,7 +45,12 @@ def _newest_mtime(path: Path) -> float:
 
 def resolve_model(stage: ServeStage) -> ServedModel:
     """The HF directory to serve, or one sentence saying what is missing and which stage makes it."""
+    from pipeline.models.load import is_local, resolve_revision
+
     explicit = stage.serve.model_path
+    if explicit and not is_local(explicit):  # a hub id: every replica loads the commit its revision points at now
+        return ServedModel(explicit, "model_path", resolve_revision(explicit, stage.serve.model_revision,
+                                                                     "serve.model_path"))
     if explicit:
         path = Path(explicit).expanduser()
         if not _is_hf_dir(path):

@@ -18,11 +18,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import TrainStage, train_stage
+from pipeline.config import TrainStage, train_stage, training_precision
 from pipeline.data.split import is_heldout, training_ids
 from pipeline.data.schema import Manifest, read_manifest, validate_labels_table
 from pipeline.errors import ConfigError, LabelsError
-from pipeline.models.load import ensure_model, load_tokenizer_checked, tokenizer_fingerprint
+from pipeline.models.load import ensure_model, load_tokenizer_checked, pin_revision, tokenizer_fingerprint
 from pipeline.train.batches import REQUIRED_COLUMNS
 from pipeline.train.sequence_parallel import check_heads
 from pipeline.train.worker import WorkerSpec, train_loop
@@ -62,7 +62,7 @@ def check_sequence_parallel(stage: TrainStage) -> None:
         return
     from transformers import AutoConfig
 
-    arch = AutoConfig.from_pretrained(stage.student.name_or_path).get_text_config()
+    arch = AutoConfig.from_pretrained(stage.student.name_or_path, revision=stage.student.revision).get_text_config()
     problem = check_heads(arch.num_attention_heads, arch.num_key_value_heads, size, stage.student.name_or_path)
     if problem:
         raise ConfigError(problem)
@@ -140,6 +140,7 @@ def run(cfg: Any) -> dict[str, Any]:
     from pipeline.runtime import init_ray, require_resources
 
     stage = train_stage(cfg)
+    stage.student = pin_revision(stage.student, "student")  # every worker loads this commit of a hub student
     manifest = read_manifest(stage.paths.labels_dir)
     current = resume_config(stage, manifest)
     start_over = check_resume(stage, current)
@@ -162,7 +163,8 @@ def run(cfg: Any) -> dict[str, Any]:
     record_run(stage, current, start_over)
     Path(stage.paths.student_dir).mkdir(parents=True, exist_ok=True)
     spec = WorkerSpec(
-        student=stage.student.name_or_path, method=t.method, lora=asdict(t.lora), use_gpu=t.use_gpu,
+        student=stage.student.name_or_path, revision=stage.student.revision,
+        precision=training_precision(stage.student, t.use_gpu), method=t.method, lora=asdict(t.lora), use_gpu=t.use_gpu,
         micro_batch_size=t.micro_batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
         max_seq_len=t.max_seq_len, lr=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps,
         lr_schedule=t.lr_schedule, grad_clip=t.grad_clip, gradient_checkpointing=t.gradient_checkpointing,
@@ -173,6 +175,7 @@ def run(cfg: Any) -> dict[str, Any]:
         eval_rows=heldout_rows(shards, t.heldout_fraction, t.max_eval_rows),
         lineage={"labels_manifest": str(Path(stage.paths.labels_dir) / "manifest.json"),
                  "labels_fingerprint": manifest.fingerprint(), "student_base": stage.student.name_or_path,
+                 "student_revision": stage.student.revision,
                  "train": asdict(t), "loss": asdict(stage.loss), "deepspeed": stage.deepspeed},
     )
     init_ray(stage.cluster)

@@ -24,6 +24,8 @@ import numpy as np
 @dataclass
 class WorkerSpec:
     student: str
+    revision: str | None  # a hub student's commit (pinned by the driver); None for a local directory
+    precision: str  # bf16 | fp16 | fp32 (pipeline.config.training_precision)
     method: str
     lora: dict[str, Any]
     use_gpu: bool
@@ -76,7 +78,9 @@ def deepspeed_config(spec: WorkerSpec, world_size: int | None = None) -> dict[st
         "train_micro_batch_size_per_gpu": spec.micro_batch_size,
         "gradient_accumulation_steps": spec.gradient_accumulation_steps,
         "gradient_clipping": spec.grad_clip,
-        "bf16": {"enabled": spec.use_gpu},
+        "bf16": {"enabled": spec.precision == "bf16"},
+        # fp16 keeps fp32 master weights and scales the loss dynamically (loss_scale 0) against underflow
+        "fp16": {"enabled": spec.precision == "fp16", "loss_scale": 0},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
@@ -86,9 +90,11 @@ def build_student(spec: WorkerSpec):
     import torch
     from transformers import AutoModelForCausalLM
 
-    dtype = torch.bfloat16 if spec.use_gpu else torch.float32
+    # loaded in the precision it trains in (DeepSpeed keeps fp32 master weights for bf16/fp16 in its optimizer)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[spec.precision]
     # sdpa: the attention Ulysses sequence parallelism wraps (and the fast one on CPU and GPU alike)
-    model = AutoModelForCausalLM.from_pretrained(spec.student, dtype=dtype, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(spec.student, revision=spec.revision, dtype=dtype,
+                                                 attn_implementation="sdpa")
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
@@ -356,7 +362,7 @@ def _save_student(engine, spec: WorkerSpec, rank: int) -> None:
             copy.deepcopy(module).merge_and_unload().save_pretrained(out / "model")
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(spec.student)
+        tokenizer = AutoTokenizer.from_pretrained(spec.student, revision=spec.revision)
         for sub in ("adapter", "model"):
             if (out / sub).exists():
                 tokenizer.save_pretrained(out / sub)
