@@ -82,11 +82,14 @@ def _local_gpus() -> int:
 
 def _params(model: dict[str, Any]) -> float | None:
     """A model's parameters: `num_parameters` from config, else counted from its config.json on the meta device
-    (local directories only: the plan reaches no hub)."""
+    (a local directory, or a hub model already in the local cache: the plan reaches no hub)."""
+    from pipeline.models.load import local_files
+
     if model.get("num_parameters"):
         return float(model["num_parameters"])
-    config = Path(model["name_or_path"]) / "config.json"
-    if not config.exists():
+    folder = local_files(model["name_or_path"], model.get("revision"))
+    config = folder / "config.json" if folder else None
+    if config is None or not config.exists():
         return None
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -196,8 +199,8 @@ def _shortfall(ask: Ask, nodes: list[NodeType], gpu_types: dict[str, dict[str, A
     biggest = max(nodes, key=lambda n: (n.gpus, n.cpus))
     if ask.gpus and not any(n.gpus >= ask.gpus for n in nodes):
         why = f"no node type has {ask.gpus:g} GPUs (the most is {biggest.gpus:g}, on {biggest.name})"
-    elif ask.gpus and ask.gpu_memory_gb and all(
-            n.gpu_type in gpu_types and ask.gpu_memory_gb > gpu_types[n.gpu_type]["memory_gb"] for n in nodes if n.gpus):
+    elif ask.gpus and ask.gpu_memory_gb and all(n.gpu_type in gpu_types and ask.gpu_memory_gb >
+                                                gpu_types[n.gpu_type]["memory_gb"] for n in nodes if n.gpus):
         memory = max(gpu_types[n.gpu_type]["memory_gb"] for n in nodes if n.gpus)
         why = (f"each needs {ask.gpu_memory_gb:.0f} GB on every GPU it uses and the largest GPU has {memory:g} GB "
                "(raise the tensor parallelism or ZeRO stage, or use larger GPUs)")
@@ -269,6 +272,10 @@ def estimate(stage: StagePlan, c: dict[str, Any], rows: int | None, nodes: list[
             t = ev["num_rows"] * ev["max_response_tokens"] / rate
             seconds, gpu_seconds = seconds + t, gpu_seconds + t * gpus * ask.min
         out.update(hours=seconds / 3600, gpu_hours=gpu_seconds / 3600)
+    elif stage.entry == "serve":  # runs until stopped: GPUs held per hour, at the fewest and most replicas
+        ask = stage.asks[0]
+        if ask.gpus:
+            out["gpus_while_up"] = [ask.min * ask.gpus, ask.max * ask.gpus]
     return out
 
 
@@ -323,7 +330,8 @@ def make_plan(plain: dict[str, Any], with_serve: bool = True) -> dict[str, Any]:
     for stage, (_, _, c) in zip(plan, chain):
         stage.estimate = estimate(stage, c, rows, nodes)
     gpu_hours = sum(s.estimate.get("gpu_hours") or 0 for s in plan)
-    price = plain["plan"]["price_per_gpu_hour"]
+    gpu = _gpu_type(nodes, plain["plan"]["gpu_types"]) or {}
+    price = plain["plan"]["price_per_gpu_hour"] or gpu.get("usd_per_hour") or 0.0
     return {
         "run_name": plain.get("run_name"), "cluster": [asdict(n) for n in nodes] if nodes else None,
         "corpus_rows": rows, "stages": [asdict(s) for s in plan],
@@ -352,10 +360,15 @@ def format_plan(plan: dict[str, Any]) -> str:
             figures.append(f"{est['hours']:.2f} h, {est['gpu_hours']:.1f} GPU-h")
         if est.get("storage_gb") is not None:
             figures.append(f"{est['storage_gb']:.1f} GB")
+        if est.get("gpus_while_up"):
+            low, high = est["gpus_while_up"]
+            price = plan["total"]["price_per_gpu_hour"]
+            figures.append(f"{low:g}-{high:g} GPUs while up: ${low * price:,.2f}-${high * price:,.2f} an hour")
         lines.append(f"  {'':<13} {', '.join(figures) or 'no estimate (CPU stage or unknown sizes)'}")
     t = plan["total"]
-    lines.append(f"total: {t['hours']:.1f} h of stages, {t['gpu_hours']:.0f} GPU-hours, ${t['cost_usd']:,.0f} at "
-                 f"${t['price_per_gpu_hour']}/GPU-hour, {t['storage_gb']:.0f} GB of artifacts")
+    cost = (f"{t['gpu_hours']:.0f} GPU-hours, ${t['cost_usd']:,.0f} at ${t['price_per_gpu_hour']}/GPU-hour"
+            if t["price_per_gpu_hour"] else "no GPU-hours priced (CPU stages, or no price for the GPU type)")
+    lines.append(f"total: {t['hours']:.1f} h of stages, {cost}, {t['storage_gb']:.0f} GB of artifacts")
     return "\n".join(lines)
 
 

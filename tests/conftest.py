@@ -12,9 +12,11 @@ REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 
 
-def run_job(script: str, *overrides: str, timeout: int = 900, check: bool = True) -> subprocess.CompletedProcess:
-    """Run `python ray_jobs/<script> overrides...` exactly as a user would, from the repo root."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def run_job(script: str, *overrides: str, timeout: int = 900, check: bool = True,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run `python ray_jobs/<script> overrides...` exactly as a user would, from the repo root (`env`: variables
+    to add, e.g. an offline Hugging Face cache)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.run([sys.executable, str(REPO / "ray_jobs" / script), *overrides], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
@@ -40,3 +42,19 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     out["tokenizer"] = Path(model["build"]["tokenizer_dir"])
     out["run_root"] = root
     return out
+
+
+@pytest.fixture(scope="session")
+def hub_models(tiny_models, tmp_path_factory) -> dict:
+    """The tiny teacher and student published as hub repos `ray-distill/tiny-teacher` and `ray-distill/tiny-student`
+    (tag `v1`) in a Hugging Face cache, with the offline environment that loads them from it: the code path of a
+    user whose models come from the hub, without a network. Overrides select them in place of the local builds."""
+    from hub_cache import offline_env, publish
+
+    cache = tmp_path_factory.mktemp("hf-cache")
+    commits = {role: publish(tiny_models[role], cache, f"ray-distill/tiny-{role}", tag="v1")
+               for role in ("teacher", "student")}
+    overrides = [f"{role}.{key}={value}" for role in ("teacher", "student")
+                 for key, value in (("name_or_path", f"ray-distill/tiny-{role}"), ("revision", "v1"),
+                                    ("build", "null"))]
+    return {"cache": cache, "env": offline_env(cache), "commits": commits, "overrides": overrides}

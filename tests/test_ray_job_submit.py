@@ -1,9 +1,12 @@
 """A user's cluster path: `ray start --head` on 127.0.0.1, then `ray job submit --working-dir .` of the
 label stage, which must succeed and write the labels, and of the serve stage, whose application must outlive
-the job and answer the official `openai` client at the URL the job printed."""
+the job and answer the official `openai` client at the URL the job printed. The head's nodes share a Hugging Face
+cache with no hub access (as cluster/ sets HF_HOME on shared storage): the label job names its teacher by hub id
+and tag, and every teacher actor loads the commit the driver pinned."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -25,7 +28,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def ray_head():
+def ray_head(hub_models):
     # Ray's socket paths must stay under 107 bytes, so its temp dir cannot live under pytest's tmp_path
     temp_dir = Path(tempfile.mkdtemp(prefix="rd-ray-"))
     ray_bin = str(Path(sys.executable).with_name("ray"))
@@ -33,6 +36,7 @@ def ray_head():
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # Ray 2.60 turns token auth on for new local clusters; say so explicitly so the CLI sends the token
     env["RAY_AUTH_MODE"] = "token"
+    env.update(hub_models["env"])  # every Ray process of the head (the job's driver too) sees the offline cache
     # the job driver runs `python` from PATH: make it this interpreter (the one with the project installed)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
@@ -65,18 +69,21 @@ def _stop_cluster(temp_dir: Path) -> None:
             p.kill()
 
 
-def test_label_job_submitted_to_a_real_head(ray_head, tmp_path):
+def test_label_job_submitted_to_a_real_head(ray_head, hub_models, tmp_path):
     ray_bin, address, env = ray_head
     run_root = tmp_path / "run"
     proc = subprocess.run(
         [ray_bin, "job", "submit", f"--address={address}", "--working-dir", ".", "--",
-         "python", "ray_jobs/label.py", "debug=tiny", f"paths.run_root={run_root}"],
+         "python", "ray_jobs/label.py", "debug=tiny", f"paths.run_root={run_root}", *hub_models["overrides"]],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "succeeded" in proc.stdout
     labels = read_dir(run_root / "labels")
     assert labels is not None and labels.num_rows == 24  # debug=tiny generates 24 rows, all valid
-    assert (run_root / "labels" / "manifest.json").exists()
+    teacher = json.loads((run_root / "labels" / "manifest.json").read_text())["teacher"]
+    assert teacher["name_or_path"] == "ray-distill/tiny-teacher"
+    assert teacher["revision"] == hub_models["commits"]["teacher"]
+    assert not (run_root / "models").exists()  # no local build: the teacher came from the cache
 
 
 def test_serve_job_deploys_on_the_head_and_prints_the_url(ray_head, tiny_models, tmp_path):

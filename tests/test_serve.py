@@ -404,3 +404,23 @@ def test_load_and_autoscaling(server):
     while _replicas(server) != (1, 0):
         assert time.monotonic() < deadline, "replicas did not fall back to 1:\n" + scaling
         time.sleep(1)
+
+
+def test_a_hub_model_is_served_at_its_pinned_commit(hub_models, monkeypatch):
+    """serve.model_path may name a hub model: its revision (a tag here) is pinned to the commit every replica loads,
+    and the student's dtype is the engine's; a revision the cache lacks is one sentence (offline, as on a cluster
+    whose nodes share a pre-filled cache)."""
+    from hub_cache import patch_offline
+
+    patch_offline(monkeypatch, hub_models["cache"])
+    stage = serve_stage(_compose("debug=tiny", "serve.model_path=ray-distill/tiny-student", "serve.model_revision=v1"))
+    model = resolve_model(stage)
+    assert (model.path, model.revision) == ("ray-distill/tiny-student", hub_models["commits"]["student"])
+    engine = llm_config(stage, model)["engine_kwargs"]
+    assert engine["revision"] == engine["tokenizer_revision"] == hub_models["commits"]["student"]
+    assert engine["dtype"] == stage.student.dtype == "float32"
+    assert llm_config(stage, model)["model_loading_config"]["model_source"] == "ray-distill/tiny-student"
+    stage.serve.model_revision = "v2"
+    with pytest.raises(ModelError, match=r"^serve.model_path=ray-distill/tiny-student at revision v2 is not in the "
+                                         r"local Hugging Face cache and HF_HUB_OFFLINE is set"):
+        resolve_model(stage)

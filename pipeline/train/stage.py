@@ -164,7 +164,8 @@ def run(cfg: Any) -> dict[str, Any]:
     Path(stage.paths.student_dir).mkdir(parents=True, exist_ok=True)
     spec = WorkerSpec(
         student=stage.student.name_or_path, revision=stage.student.revision,
-        precision=training_precision(stage.student, t.use_gpu), method=t.method, lora=asdict(t.lora), use_gpu=t.use_gpu,
+        precision=training_precision(stage.student, t.use_gpu), method=t.method, lora=asdict(t.lora),
+        use_gpu=t.use_gpu,
         micro_batch_size=t.micro_batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
         max_seq_len=t.max_seq_len, lr=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps,
         lr_schedule=t.lr_schedule, grad_clip=t.grad_clip, gradient_checkpointing=t.gradient_checkpointing,
