@@ -151,13 +151,11 @@ def run(cfg: Any) -> dict[str, str]:
     """Run the chain; returns stage name → "ran" or "skipped"."""
     from omegaconf import OmegaConf
 
-    from pipeline.plan import make_plan
-
     plain = resolve(cfg)
     plain.pop("hydra", None)
     # ray_jobs/plan.py's check before the first stage: every stage's config is consistent and its minimum fits the
     # cluster described in config (or this machine), so a run never stops at stage four for want of a GPU
-    make_plan(plain, with_serve=plain["run"]["serve"])
+    plan_of(plain, with_serve=plain["run"]["serve"])
     root = Path(plain["paths"]["run_root"])
     chain = stages(plain)
     prints = fingerprints(plain, chain)
@@ -197,6 +195,28 @@ def run(cfg: Any) -> dict[str, str]:
     if plain["run"]["serve"]:
         _entry("serve")(OmegaConf.create(_trained_teacher(plain)))
     return outcome
+
+
+def plan_of(plain: dict[str, Any], with_serve: bool = True) -> dict[str, Any]:
+    """The plan (`pipeline.plan`) of this chain's stages, each with its derived config, and of serving."""
+    from pipeline.plan import make_plan
+
+    configs = [(s.name, s.entry, s.derive(plain)) for s in stages(plain)]
+    if with_serve:
+        configs.append(("serve", "serve", plain))
+    return make_plan(plain, configs)
+
+
+def plan(cfg: Any) -> dict[str, Any]:
+    """`ray_jobs/plan.py`: the chain's (and serving's) asks, fit and estimates, printed as text or JSON, or the one
+    sentence that refuses them."""
+    from pipeline.plan import show
+
+    plain = resolve(cfg)
+    plain.pop("hydra", None)
+    result = plan_of(plain)
+    show(result, plain["plan"]["format"])
+    return result
 
 
 def _save(path: Path, record: dict[str, Any]) -> None:

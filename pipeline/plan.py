@@ -314,15 +314,11 @@ def validate(entry: str, c: dict[str, Any]) -> None:
      "serve": serve_stage}[entry](c)
 
 
-def make_plan(plain: dict[str, Any], with_serve: bool = True) -> dict[str, Any]:
-    """The whole plan: per chain stage its asks (checked against the cluster) and estimates, and the totals."""
-    from pipeline.chain import stages
-
+def make_plan(plain: dict[str, Any], chain: list[tuple[str, str, dict[str, Any]]]) -> dict[str, Any]:
+    """The whole plan of `chain` (stage name, entry, the config as derived for it; `pipeline.chain.plan_of` lists
+    them): per stage its asks (checked against the cluster) and estimates, and the totals."""
     nodes = node_types(plain)
     rows = corpus_rows(plain)
-    chain = [(s.name, s.entry, s.derive(plain)) for s in stages(plain)]
-    if with_serve:
-        chain.append(("serve", "serve", plain))
     for _, entry, c in chain:
         validate(entry, c)
     plan = [StagePlan(name, entry, stage_asks(name, entry, c)) for name, entry, c in chain]
@@ -384,16 +380,10 @@ def _ask_text(a: dict[str, Any]) -> str:
     return f"{count} {a['what']}{'s' if a['max'] != 1 else ''} x ({unit}{memory}){fits}"
 
 
-def run(cfg: Any) -> dict[str, Any]:
-    """`ray_jobs/plan.py`: print the plan (text or JSON), or the one sentence that refuses it."""
+def show(plan: dict[str, Any], fmt: str) -> None:
+    """Print the plan as text or JSON (`plan.format`)."""
     import json
 
-    from pipeline.config import resolve
-
-    plain = resolve(cfg)
-    plain.pop("hydra", None)
-    if plain["plan"]["format"] not in ("text", "json"):
-        raise ConfigError(f"plan.format={plain['plan']['format']!r} is not a format; use text or json.")
-    plan = make_plan(plain)
-    print(json.dumps(plan, indent=2) if plain["plan"]["format"] == "json" else format_plan(plan), flush=True)
-    return plan
+    if fmt not in ("text", "json"):
+        raise ConfigError(f"plan.format={fmt!r} is not a format; use text or json.")
+    print(json.dumps(plan, indent=2) if fmt == "json" else format_plan(plan), flush=True)

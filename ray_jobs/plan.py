@@ -15,11 +15,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `pipeline` from 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from pipeline.plan import run
+    from pipeline.chain import plan
     from pipeline.runtime import user_errors
 
     with user_errors():
-        run(cfg)
+        plan(cfg)
 
 
 if __name__ == "__main__":

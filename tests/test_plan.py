@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from conftest import CONF, REPO
 from pipeline.config import training_precision, train_stage
 from pipeline.errors import ConfigError
-from pipeline.plan import make_plan
+from pipeline.chain import plan_of
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 GPU_PRESETS = ["qwen72b_to_7b", "qwen7b_to_0_5b"]
@@ -42,7 +42,7 @@ def _plan_job(*overrides: str, check: bool = True) -> subprocess.CompletedProces
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_shipped_experiment_plans_and_fits(experiment):
-    plan = make_plan(_plain(f"experiment={experiment}"))
+    plan = plan_of(_plain(f"experiment={experiment}"))
     assert [s["stage"] for s in plan["stages"]][-1] == "serve"
     for stage in plan["stages"]:
         for ask in stage["asks"]:
@@ -52,7 +52,7 @@ def test_every_shipped_experiment_plans_and_fits(experiment):
 @pytest.mark.parametrize("experiment", GPU_PRESETS)
 def test_gpu_presets_give_every_stage_gpus(experiment):
     plain = _plain(f"experiment={experiment}")
-    plan = {s["stage"]: s for s in make_plan(plain)["stages"]}
+    plan = {s["stage"]: s for s in plan_of(plain)["stages"]}
     assert set(plan) == {"label", "train", "quantize", "evaluate", "serve"}
     for name, stage in plan.items():
         assert stage["asks"] and all(ask["gpus"] > 0 for ask in stage["asks"]), name
@@ -73,7 +73,7 @@ def test_gpu_presets_give_every_stage_gpus(experiment):
 
 def test_changing_the_teachers_tensor_parallelism_moves_its_actors_gpus():
     plain = _plain("experiment=qwen72b_to_7b", "teacher.tensor_parallel_size=8")
-    label = make_plan(plain)["stages"][0]
+    label = plan_of(plain)["stages"][0]
     assert label["asks"][0]["gpus"] == 8 and label["asks"][0]["fits"] == 4  # one actor per 8-GPU node
 
 
@@ -95,7 +95,7 @@ def test_estimates_follow_the_work_and_the_pool():
     """Twice the rows take twice the hours; twice the teacher actors half the hours at the same GPU-hours; score mode
     (prefill only) is faster than generating the responses."""
     def label(*overrides):
-        return make_plan(_plain("experiment=qwen72b_to_7b", *overrides))["stages"][0]["estimate"]
+        return plan_of(_plain("experiment=qwen72b_to_7b", *overrides))["stages"][0]["estimate"]
 
     base = label("plan.corpus_rows=100000")
     assert label("plan.corpus_rows=200000")["hours"] == pytest.approx(2 * base["hours"])
@@ -118,7 +118,7 @@ def test_estimates_follow_the_work_and_the_pool():
 ])
 def test_a_contradictory_preset_is_refused_with_one_sentence(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")) as info:
-        make_plan(_plain("experiment=qwen72b_to_7b", *overrides))
+        plan_of(_plain("experiment=qwen72b_to_7b", *overrides))
     assert "\n" not in str(info.value)
     proc = _plan_job("experiment=qwen72b_to_7b", *overrides, check=False)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: ")
