@@ -156,6 +156,8 @@ def run(cfg: Any) -> dict[str, str]:
     # ray_jobs/plan.py's check before the first stage: every stage's config is consistent and its minimum fits the
     # cluster described in config (or this machine), so a run never stops at stage four for want of a GPU
     plan_of(plain, with_serve=plain["run"]["serve"])
+    if plain["run"]["serve"]:
+        _serve_front_door(plain)
     root = Path(plain["paths"]["run_root"])
     chain = stages(plain)
     prints = fingerprints(plain, chain)
@@ -195,6 +197,17 @@ def run(cfg: Any) -> dict[str, str]:
     if plain["run"]["serve"]:
         _entry("serve")(OmegaConf.create(_trained_teacher(plain)))
     return outcome
+
+
+def _serve_front_door(plain: dict[str, Any]) -> None:
+    """The serve stage's front door (serve.ingress) is read by an embedded Ray's processes when they start, and the
+    chain's first stage starts that Ray: choose it before then, as ray_jobs/serve.py does before its own."""
+    from pipeline.config import ClusterConfig
+    from pipeline.runtime import is_embedded
+    from pipeline.serve.stage import use_ingress
+
+    if is_embedded(ClusterConfig(**plain["cluster"])):
+        use_ingress(plain["serve"]["ingress"])
 
 
 def plan_of(plain: dict[str, Any], with_serve: bool = True) -> dict[str, Any]:

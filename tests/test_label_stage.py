@@ -84,6 +84,12 @@ def test_every_row_is_labeled_or_rejected_with_a_reason(labeled_run):
     for expected in BAD_LINES:
         assert sum(expected in r for r in reasons) == 1, (expected, reasons)
     assert all(line is not None for line in rejected.column("line").to_pylist())
+    # every rejected row whose id could be read keeps it (only malformed JSON, bad UTF-8 and the missing id lack one)
+    ids_by_reason = dict(zip(reasons, rejected.column("id").to_pylist()))
+    for expected, rid in (("'prompt' must be a string", "wrong-type"), ("empty prompt", "empty"),
+                          ("more than label.max_prompt_tokens", "too-long"), ("repeats an earlier row", None)):
+        match = [i for r, i in ids_by_reason.items() if expected in r]
+        assert match and (match[0] == rid if rid else match[0] is not None), (expected, ids_by_reason)
     manifest = json.loads((root / "labels" / "manifest.json").read_text())
     assert manifest["k"] == K and manifest["mode"] == labeled_run["mode"] and manifest["teacher"]["weights_sha256"]
     assert manifest["summary"]["rows_read"] == labeled_run["total"]

@@ -424,3 +424,20 @@ def test_a_hub_model_is_served_at_its_pinned_commit(hub_models, monkeypatch):
     with pytest.raises(ModelError, match=r"^serve.model_path=ray-distill/tiny-student at revision v2 is not in the "
                                          r"local Hugging Face cache and HF_HUB_OFFLINE is set"):
         resolve_model(stage)
+
+
+@pytest.mark.parametrize("ingress,flag", [("haproxy", "1"), ("proxy", "0")])
+def test_the_chain_chooses_the_serve_front_door_before_its_ray_starts(ingress, flag, tmp_path, monkeypatch):
+    """`run.serve=true` gets ray_jobs/serve.py's front door: the chain's first stage starts the embedded Ray, whose
+    processes read RAY_SERVE_ENABLE_HA_PROXY once, so the chain sets it before any stage. The stages themselves are
+    replaced by recorders here (each would start engines); what is checked is the variable each one starts with."""
+    from pipeline import chain
+    from pipeline.serve.stage import HAPROXY_ENV
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv(HAPROXY_ENV, raising=False)
+    started = []
+    monkeypatch.setattr(chain, "_entry", lambda name: lambda cfg: started.append((name, os.environ.get(HAPROXY_ENV))))
+    chain.run(_compose("debug=tiny", f"paths.run_root={tmp_path}", "run.serve=true", f"serve.ingress={ingress}"))
+    assert [name for name, _ in started] == ["label", "train", "quantize", "evaluate", "serve"]
+    assert {env for _, env in started} == {flag}

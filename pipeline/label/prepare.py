@@ -68,9 +68,9 @@ def prepare_batch(batch: pa.Table, spec: PrepareSpec, ledger) -> pa.Table:
     """RAW_SCHEMA rows in, PREPARED_SCHEMA rows out (rows an earlier run finished are dropped)."""
     out = {name: [] for name in PREPARED_SCHEMA.names}
     for source, line, raw in zip(*(batch.column(c).to_pylist() for c in ("source", "line", "raw"))):
-        row, reason = parse_row(raw, spec.mode)
+        row, reason = parse_row(raw, spec.mode)  # a rejected row may still carry its id
         prompt_ids, response_ids = [], []
-        if row is not None:
+        if reason is None:
             prompt_ids, response_ids, reason = tokenize_row(row, spec)
         for name, value in zip(PREPARED_SCHEMA.names, (row["id"] if row else None, source, line, prompt_ids,
                                                         response_ids, reason)):

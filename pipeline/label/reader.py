@@ -59,7 +59,8 @@ def _parquet_lines(f: pa.NativeFile) -> Iterator[tuple[int, bytes]]:
 
 
 def parse_row(raw: bytes, mode: str) -> tuple[dict[str, Any] | None, str | None]:
-    """Validate one raw row. Returns (row, None) or (None, one-line reason).
+    """Validate one raw row. Returns (row, None), or (None or {"id": ...}, one-line reason): a rejected row keeps
+    its id whenever it has a readable one, so the quarantine names it.
 
     A valid row has `id` (string or integer) and either `messages` (a list of {role, content} strings) or
     `prompt` (a string); score and reference modes also need `response`, or a last message from the assistant.
@@ -80,34 +81,35 @@ def parse_row(raw: bytes, mode: str) -> tuple[dict[str, Any] | None, str | None]
     if isinstance(rid, bool) or not isinstance(rid, (str, int)):
         return None, f"'id' must be a string or an integer, got {type(rid).__name__}"
     out: dict[str, Any] = {"id": str(rid)}
+    known = {"id": out["id"]}  # what a rejected row keeps from here on
     if "messages" in row:
         messages = row["messages"]
         if not isinstance(messages, list) or not messages:
-            return None, "'messages' must be a non-empty list"
+            return known, "'messages' must be a non-empty list"
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                return None, f"messages[{i}] must have string 'role' and 'content'"
+                return known, f"messages[{i}] must have string 'role' and 'content'"
         response = row.get("response")
         if mode != "generate" and response is None and messages[-1]["role"] == "assistant":
             messages, response = messages[:-1], messages[-1]["content"]
         if not messages or not any(m["content"].strip() for m in messages):
-            return None, "empty prompt"
+            return known, "empty prompt"
         out["messages"] = [{"role": m["role"], "content": m["content"]} for m in messages]
     elif "prompt" in row:
         if not isinstance(row["prompt"], str):
-            return None, f"'prompt' must be a string, got {type(row['prompt']).__name__}"
+            return known, f"'prompt' must be a string, got {type(row['prompt']).__name__}"
         if not row["prompt"].strip():
-            return None, "empty prompt"
+            return known, "empty prompt"
         out["prompt"] = row["prompt"]
         response = row.get("response")
     else:
-        return None, "row has neither 'messages' nor 'prompt'"
+        return known, "row has neither 'messages' nor 'prompt'"
     if mode != "generate":
         if response is None:
-            return None, f"{mode} mode needs a 'response' (or a final assistant message)"
+            return known, f"{mode} mode needs a 'response' (or a final assistant message)"
         if not isinstance(response, str):
-            return None, f"'response' must be a string, got {type(response).__name__}"
+            return known, f"'response' must be a string, got {type(response).__name__}"
         if not response.strip():
-            return None, "empty response"
+            return known, "empty response"
         out["response"] = response
     return out, None

@@ -42,7 +42,8 @@ def build_manifest(stage: LabelStage) -> Manifest:
         raise ConfigError(f"label.k={lab.k} is larger than the teacher's vocabulary ({tok['vocab_size']}); lower "
                           "label.k.")
     return Manifest(
-        teacher=model_fingerprint(stage.teacher, "teacher"), **tok, k=lab.k, mode=lab.mode, logprobs_mode="raw_logprobs",
+        teacher=model_fingerprint(stage.teacher, "teacher"), **tok, k=lab.k, mode=lab.mode,
+        logprobs_mode="raw_logprobs",
         max_prompt_tokens=lab.max_prompt_tokens, max_response_tokens=lab.max_response_tokens,
         max_model_len=stage.teacher.max_model_len,
         sampling=asdict(lab.sampling) if lab.mode == "generate" else {},
