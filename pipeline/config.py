@@ -259,6 +259,17 @@ class TrainStage:
 
 
 @dataclass
+class GoalsConfig:
+    """The evaluation report's pass/fail goals (None leaves a goal out); conf/evaluate/default.yaml says each."""
+
+    min_accuracy_vs_teacher: float | None = 0.96
+    min_parameter_ratio: float | None = 4
+    min_speedup: float | None = 3
+    kd_beats_sft: bool = True
+    max_quantized_accuracy_drop: float | None = 0.01
+
+
+@dataclass
 class EvalConfig:
     num_rows: int = 200
     seed: int = 1_000_003
@@ -276,6 +287,7 @@ class EvalConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     baseline_path: str | None = None
     reuse: bool = True
+    goals: GoalsConfig = field(default_factory=GoalsConfig)
 
     def validate(self, data_seed: int, *models: ModelConfig) -> None:
         if self.metric not in ("last_number", "exact"):

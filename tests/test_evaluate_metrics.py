@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pipeline.evaluate.metrics import answer_correct, last_number, summarize, teacher_forced_sums
+from pipeline.config import GoalsConfig
 from pipeline.evaluate.report import check_goals
 
 B, S, V, K = 2, 6, 40, 5
@@ -58,8 +59,16 @@ def test_goals_pass_and_fail_on_the_figures():
     results = {"teacher": row, "student": dict(row, accuracy=0.88, parameters=200, latency_ms=9.0),
                "quantized": dict(row, accuracy=0.86, parameters=200, latency_ms=8.0),
                "sft_baseline": dict(row, accuracy=0.7, parameters=200, latency_ms=9.0)}
-    verdicts = {g["goal"]: g["pass"] for g in check_goals(results)}
+    verdicts = {g["goal"]: g["pass"] for g in check_goals(results, GoalsConfig())}
     assert verdicts == {"student accuracy >= 96% of the teacher's": True, "student has >= 4x fewer parameters": True,
                         "student latency >= 3x lower": True,
                         "KD student beats the SFT-only student at equal data": True,
-                        "4-bit student within 1 point of the unquantized student": False}
+                        "quantized student within 1 point of the unquantized student": False}
+    # the thresholds are config (evaluate.goals): a looser quantization limit passes, a stricter speed-up fails, and a
+    # goal set to null is left out
+    looser = GoalsConfig(max_quantized_accuracy_drop=0.03, min_speedup=4, kd_beats_sft=False)
+    verdicts = {g["goal"]: g["pass"] for g in check_goals(results, looser)}
+    assert verdicts["quantized student within 3 points of the unquantized student"] is True
+    assert verdicts["student latency >= 4x lower"] is False
+    assert "KD student beats the SFT-only student at equal data" not in verdicts
+    assert len(check_goals(results, GoalsConfig(None, None, None, False, None))) == 0

@@ -225,7 +225,7 @@ def cache_key(kind: str, model: ModelConfig, stage: EvaluateStage, heldout: Path
     settings (not `baseline_path`, which only picks the models) and, unless it is the teacher, the reference."""
     from pipeline.models.load import model_fingerprint
 
-    settings = {k: v for k, v in dataclasses.asdict(stage.evaluate).items() if k not in ("baseline_path", "reuse")}
+    settings = {k: v for k, v in dataclasses.asdict(stage.evaluate).items() if k not in ("baseline_path", "reuse", "goals")}
     payload = {"kind": kind, "model": model_fingerprint(model), "engine": dataclasses.asdict(model),
                "evaluate": settings, "heldout": hashlib.sha256(heldout.read_bytes()).hexdigest(),
                "reference": reference}
@@ -305,7 +305,7 @@ def run(cfg: Any) -> dict[str, Any]:
                       evaluated_at=time.strftime("%Y-%m-%d %H:%M:%S"))
         _store(cache, key, result, reference if kind == "reference" else None)
         results[role] = dict(result, reused=False)
-    goals = check_goals(results)
+    goals = check_goals(results, stage.evaluate.goals)
     summary = {"models": results, "goals": goals, "heldout": str(heldout), "rows": len(answers)}
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     loss_png = Path(stage.paths.student_dir) / "loss.png"
