@@ -155,6 +155,17 @@ def test_changed_config_on_existing_labels_is_refused(labeled_run):
     assert "different config (changed: k)" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_labels_of_another_corpus_are_refused(labeled_run, tmp_path):
+    """The same settings and file names with other rows: the manifest records the corpus's content, so the run root
+    refuses it (it used to label the new rows beside the old labels) and nothing is added."""
+    before = read_dir(labeled_run["root"] / "labels").num_rows
+    other, _, _ = write_corpus(tmp_path / "corpus", 16, with_response=labeled_run["mode"] == "score", seed=7)
+    proc = label(labeled_run["root"], other, f"label.mode={labeled_run['mode']}", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "different config (changed: corpus (the input files' contents))" in proc.stderr
+    assert read_dir(labeled_run["root"] / "labels").num_rows == before
+
+
 def test_k_beyond_engine_limit_fails_before_any_work(tmp_path):
     proc = label(tmp_path, [tmp_path / "none.jsonl"], "label.k=64", check=False)
     assert proc.returncode == 2

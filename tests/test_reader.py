@@ -40,3 +40,22 @@ def test_good_rows_parse():
     chat = {"id": "a", "messages": GOOD["messages"] + [{"role": "assistant", "content": "hello"}]}
     row, why = parse_row(json.dumps(chat).encode(), "score")
     assert why is None and row["response"] == "hello" and row["messages"] == GOOD["messages"]
+
+
+def test_a_corpus_is_identified_by_its_content_not_its_place(tmp_path):
+    """The label manifest (and the chain) record what a corpus holds: the same files elsewhere are the same corpus,
+    a rewritten or extended file is another, and a `*` in a file name is expanded."""
+    from pipeline.label.reader import corpus_identity
+
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        for name in ("one.jsonl", "two.jsonl"):
+            (tmp_path / folder / name).write_text(json.dumps(GOOD) + "\n")
+    a = corpus_identity([str(tmp_path / "a" / "one.jsonl"), str(tmp_path / "a" / "two.jsonl")])
+    assert a == corpus_identity([str(tmp_path / "b" / "one.jsonl"), str(tmp_path / "b" / "two.jsonl")])
+    assert a == corpus_identity([str(tmp_path / "b" / "*.jsonl")])
+    (tmp_path / "b" / "two.jsonl").write_text(json.dumps(dict(GOOD, id=2)) + "\n")
+    assert corpus_identity([str(tmp_path / "b" / "*.jsonl")]) != a
+    with (tmp_path / "a" / "two.jsonl").open("a") as f:
+        f.write(json.dumps(dict(GOOD, id=3)) + "\n")
+    assert corpus_identity([str(tmp_path / "a" / "*.jsonl")]) != a

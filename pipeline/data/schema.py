@@ -150,10 +150,15 @@ class Manifest:
         "name": "topk-idgap-3plane+u8-logprob", "logprob_step": LOGPROB_STEP, "codes": LOGPROB_CODES,
         "min_tail_logprob": MIN_TAIL_LOGPROB})
     schema_version: int = SCHEMA_VERSION
+    # the corpus's content (pipeline.label.reader.corpus_identity: file names, sizes, first bytes), not its paths;
+    # None in manifests written before it was recorded
+    corpus_sha256: str | None = None
 
     def fingerprint(self) -> str:
-        """Hash of everything that changes the labels' content (not package versions or input paths)."""
-        key = {k: v for k, v in asdict(self).items() if k not in ("packages", "inputs")}
+        """Hash of everything that changes the labels' content (not package versions or input paths). A manifest
+        without a corpus identity hashes as it did before the identity was recorded."""
+        key = {k: v for k, v in asdict(self).items()
+               if k not in ("packages", "inputs") and not (k == "corpus_sha256" and v is None)}
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_json(self) -> dict[str, Any]:

@@ -7,6 +7,7 @@ reason instead of crashing the job or vanishing. (source, line) is also the key 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any, Iterator
 
 import pyarrow as pa
@@ -34,6 +35,36 @@ class CorpusDatasource(FileBasedDatasource):
                 block = []
         if block:
             yield _table(path, block)
+
+
+def corpus_identity(paths: list[str], head_bytes: int = 1 << 16) -> str:
+    """What a corpus is, independent of where it lives: each file's name, size and the sha256 of its first
+    `head_bytes` (local paths or any pyarrow filesystem URI; a `*` in a file name is expanded). Cheap enough to
+    compute on every run of a large remote corpus, and it changes when a file is replaced, grown or rewritten."""
+    import fnmatch
+    import hashlib
+    import posixpath
+
+    from pyarrow import fs as pafs
+
+    entries = []
+    for path in paths:
+        if "://" in path:
+            filesystem, where = pafs.FileSystem.from_uri(path)
+        else:
+            filesystem, where = pafs.LocalFileSystem(), str(Path(path).expanduser().absolute())
+        parent, name = posixpath.split(where)
+        infos = ([i for i in filesystem.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
+                  if fnmatch.fnmatch(posixpath.basename(i.path), name)] if "*" in name
+                 else [filesystem.get_file_info(where)])
+        for info in sorted(infos, key=lambda i: i.path):
+            if info.type != pafs.FileType.File:
+                entries.append([posixpath.basename(info.path), None, None])  # missing: the stage says so later
+                continue
+            with filesystem.open_input_stream(info.path) as f:
+                head = f.read(head_bytes)
+            entries.append([posixpath.basename(info.path), info.size, hashlib.sha256(head).hexdigest()])
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
 
 
 def _table(path: str, block: list[tuple[int, bytes]]) -> pa.Table:

