@@ -51,7 +51,7 @@ PEAKED = "teacher.build.initializer_range=0.1"
 def overrides(args, root: Path) -> list[str]:
     return ["debug=tiny", f"paths.run_root={root}", f"data.build.num_rows={args.rows}", "label.max_response_tokens=32",
             "quantize.group_size=128", "quantize.calibration_rows=64", "quantize.calibration_max_tokens=512",
-            "quantize.heldout_fraction=0.25",
+            "heldout_fraction=0.25",
             # measure, don't gate: random students are not what the gate is tuned for
             "quantize.max_quality_drop.perplexity=1e9", "quantize.max_quality_drop.kl_to_teacher=1e9"]
 

@@ -95,6 +95,10 @@ def _evaluate(plain):
     return plain
 
 
+# what a train stage's work depends on (heldout_fraction: the rows it must not train on)
+_TRAIN = ("student", "train", "loss", "deepspeed", "heldout_fraction")
+
+
 def stages(plain: dict[str, Any]) -> list[Stage]:
     run = plain["run"]
     sft = run["teacher_sft"]["enabled"]
@@ -103,22 +107,21 @@ def stages(plain: dict[str, Any]) -> list[Stage]:
         chain += [
             Stage("teacher_data", "label", ("teacher", "data", "label", "seed"), (), "teacher_sft/labels/manifest.json",
                   ("labels_dir", "rejected_dir", "data_dir"), _teacher_data),
-            Stage("teacher", "train", ("student", "train", "loss", "deepspeed"), ("teacher_data",),
-                  "teacher_sft/student/lineage.json", ("student_dir", "train_storage"), _teacher),
+            Stage("teacher", "train", _TRAIN, ("teacher_data",), "teacher_sft/student/lineage.json",
+                  ("student_dir", "train_storage"), _teacher),
         ]
     chain += [
         Stage("label", "label", ("teacher", "data", "label", "seed"), ("teacher",) if sft else (),
               "labels/manifest.json", ("labels_dir", "rejected_dir") + (() if sft else ("data_dir",)), _trained_teacher),
-        Stage("train", "train", ("student", "train", "loss", "deepspeed"), ("label",), "student/lineage.json",
-              ("student_dir", "train_storage"), _trained_teacher),
+        Stage("train", "train", _TRAIN, ("label",), "student/lineage.json", ("student_dir", "train_storage"),
+              _trained_teacher),
     ]
     if run["baseline"]:
-        chain.append(Stage("baseline", "train", ("student", "train", "loss", "deepspeed"),
-                           ("teacher_data",) if sft else ("label",), "baseline/lineage.json",
-                           ("student_dir", "train_storage"), _baseline))
+        chain.append(Stage("baseline", "train", _TRAIN, ("teacher_data",) if sft else ("label",),
+                           "baseline/lineage.json", ("student_dir", "train_storage"), _baseline))
     chain += [
-        Stage("quantize", "quantize", ("quantize",), ("train",), "quantized/manifest.json", ("quantized_dir",),
-              _trained_teacher),
+        Stage("quantize", "quantize", ("quantize", "heldout_fraction"), ("train",), "quantized/manifest.json",
+              ("quantized_dir",), _trained_teacher),
         Stage("evaluate", "evaluate", ("evaluate", "teacher", "student"),
               ("label", "train", "quantize") + (("baseline",) if run["baseline"] else ()), "eval/metrics.json",
               ("eval_dir",), _evaluate),

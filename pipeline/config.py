@@ -195,7 +195,6 @@ class TrainConfig:
     merge: bool = False
     seed: int = 0
     sequence_parallel_size: int = 1
-    heldout_fraction: float = 0.05
     max_eval_rows: int = 256
     overwrite: bool = False
 
@@ -204,8 +203,6 @@ class TrainConfig:
             raise ConfigError(f"student.dtype={student.dtype} trains in {training_precision(student, True)} on GPUs "
                               "only, but train.use_gpu=false trains on CPUs (in float32); set train.use_gpu=true, or "
                               "student.dtype=float32 (or auto) to train on CPUs.")
-        if not 0 <= self.heldout_fraction < 1:
-            raise ConfigError(f"train.heldout_fraction={self.heldout_fraction} must be in [0, 1).")
         if self.method not in ("lora", "full"):
             raise ConfigError(f"train.method={self.method!r} is not a method; use lora or full.")
         if self.lr_schedule not in ("constant", "linear", "cosine"):
@@ -256,6 +253,8 @@ class TrainStage:
     loss: LossConfig
     deepspeed: dict[str, Any]
     seed: int = 0
+    # labeled rows held out by a hash of their id (pipeline/data/split.py), shared with the quantize gate
+    heldout_fraction: float = 0.05
 
 
 @dataclass
@@ -363,6 +362,14 @@ def resolve(cfg: Any) -> dict[str, Any]:
         raise ConfigError(f"The config does not resolve: {str(e).splitlines()[0]}") from None
 
 
+def heldout_fraction(plain: dict[str, Any]) -> float:
+    """The top-level `heldout_fraction`: one split for every stage that must not see the held-out rows."""
+    fraction = plain.get("heldout_fraction", 0.05)
+    if not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+        raise ConfigError(f"heldout_fraction={fraction!r} must be a fraction in [0, 1).")
+    return float(fraction)
+
+
 def label_stage(cfg: Any) -> LabelStage:
     plain = resolve(cfg)
     stage = LabelStage(
@@ -390,6 +397,7 @@ def train_stage(cfg: Any) -> TrainStage:
         loss=to_dataclass(LossConfig, plain["loss"], "loss"),
         deepspeed=dict(plain["deepspeed"]),
         seed=plain.get("seed", 0),
+        heldout_fraction=heldout_fraction(plain),
     )
     stage.student.validate("student")
     stage.train.validate(stage.student)

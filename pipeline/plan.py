@@ -246,7 +246,7 @@ def estimate(stage: StagePlan, c: dict[str, Any], rows: int | None, nodes: list[
             _timed(out, stage.asks[0], seconds, gpus)
     elif stage.entry == "train" and rows is not None:
         t = c["train"]
-        trained_rows = min(rows * (1 - t["heldout_fraction"]), t["max_rows"] or math.inf)
+        trained_rows = min(rows * (1 - c["heldout_fraction"]), t["max_rows"] or math.inf)
         tokens = trained_rows * min(prompt + response, t["max_seq_len"]) * t["epochs"]
         params = _params(c["student"])
         out.update(tokens_trained=tokens, storage_gb=_checkpoint_gb(c, params))

@@ -131,3 +131,18 @@ def test_a_student_seed_leaves_the_sft_teacher_alone():
     for stage in ("train", "baseline", "quantize", "evaluate"):
         assert student_seed[stage] != base[stage], stage
     assert global_seed["teacher"] != base["teacher"]
+
+
+def test_one_heldout_split_for_training_and_the_quantize_gate():
+    """The quantize gate scores exactly the rows the train stage held out: one top-level fraction (the defaults used
+    to be 0.05 for training and 0.1 for the gate, so the gate scored rows the student had trained on)."""
+    from pipeline.config import train_stage
+    from pipeline.quantize.config import quantize_stage
+
+    for overrides in ([], ["debug=tiny"], ["experiment=demo"], ["heldout_fraction=0.2"]):
+        cfg = _compose(*overrides)
+        assert train_stage(cfg).heldout_fraction == quantize_stage(cfg).heldout_fraction > 0
+    with pytest.raises(ConfigError, match="quantize gate would score rows the student trained on"):
+        quantize_stage(_compose("heldout_fraction=0"))
+    with pytest.raises(ConfigError, match=r"heldout_fraction=1\.5 must be a fraction"):
+        train_stage(_compose("heldout_fraction=1.5"))

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ClusterConfig, PathsConfig, resolve, to_dataclass
+from pipeline.config import ClusterConfig, PathsConfig, heldout_fraction, resolve, to_dataclass
 from pipeline.errors import ConfigError, ModelError
 
 
@@ -61,7 +61,6 @@ class QuantizeConfig:
     bnb_format: str = "nf4"
     calibration_rows: int = 256
     calibration_max_tokens: int = 512
-    heldout_fraction: float = 0.1
     max_heldout_rows: int = 256
     eval_batch_size: int = 8
     max_quality_drop: QualityLimits = field(default_factory=QualityLimits)
@@ -86,8 +85,6 @@ class QuantizeConfig:
         if self.method == "bnb" and (self.bits == 8) != (self.bnb_format == "int8"):
             raise ConfigError(f"quantize.bnb_format={self.bnb_format} does not fit quantize.bits={self.bits}; "
                               "int8 is the 8-bit format, nf4 and fp4 the 4-bit ones.")
-        if not 0 < self.heldout_fraction < 1:
-            raise ConfigError(f"quantize.heldout_fraction={self.heldout_fraction} must be in (0, 1).")
         for name in ("calibration_rows", "calibration_max_tokens", "max_heldout_rows", "eval_batch_size",
                      "cpu_workers"):
             if getattr(self, name) < 1:
@@ -111,6 +108,8 @@ class QuantizeStage:
     cluster: ClusterConfig
     quantize: QuantizeConfig
     seed: int = 0
+    # the train stage's held-out rows (top-level heldout_fraction): the gate scores them, calibration never uses them
+    heldout_fraction: float = 0.05
 
 
 def quantize_stage(cfg: Any) -> QuantizeStage:
@@ -120,8 +119,12 @@ def quantize_stage(cfg: Any) -> QuantizeStage:
         cluster=to_dataclass(ClusterConfig, plain["cluster"], "cluster"),
         quantize=to_dataclass(QuantizeConfig, plain["quantize"], "quantize"),
         seed=plain.get("seed", 0),
+        heldout_fraction=heldout_fraction(plain),
     )
     stage.quantize.validate()
+    if stage.heldout_fraction == 0:
+        raise ConfigError("heldout_fraction=0 holds no labeled row out, so the quantize gate would score rows the "
+                          "student trained on; set heldout_fraction above 0 (0.05 by default).")
     return stage
 
 

@@ -46,7 +46,7 @@ def split_rows(labels_dir: str, fraction: float, max_heldout: int, max_calibrati
         calib.append(table.take(pa.array(c, pa.int64())))
         n_held, n_calib = n_held + len(h), n_calib + len(c)
     if n_held == 0:
-        raise LabelsError(f"No labeled row in {labels_dir} falls in the held-out split (quantize.heldout_fraction="
+        raise LabelsError(f"No labeled row in {labels_dir} falls in the held-out split (heldout_fraction="
                           f"{fraction}); label more rows or raise the fraction.")
     return pa.concat_tables(held), (pa.concat_tables(calib) if n_calib else held[0].slice(0, 0))
 

@@ -135,10 +135,10 @@ def run(cfg: Any) -> dict[str, Any]:
     kind, source, base, base_revision = find_student(paths.student_dir)
     check_group_size(q, source if kind == "model" else base, None if kind == "model" else base_revision)
     labels = read_manifest(paths.labels_dir)
-    held, calib = split_rows(paths.labels_dir, q.heldout_fraction, q.max_heldout_rows, q.calibration_rows)
+    held, calib = split_rows(paths.labels_dir, stage.heldout_fraction, q.max_heldout_rows, q.calibration_rows)
     if METHODS[q.method].calibrated and calib.num_rows == 0:
         raise ConfigError(f"Every labeled row in {paths.labels_dir} is held out, so {q.method} has nothing to "
-                          "calibrate on; label more rows or lower quantize.heldout_fraction.")
+                          "calibrate on; label more rows or lower heldout_fraction.")
     out = Path(paths.quantized_dir)
     staging, rejected = out.with_name(f".{out.name}.staging"), out.with_name(f"{out.name}.rejected")
     for old in (staging, rejected):
@@ -152,7 +152,7 @@ def run(cfg: Any) -> dict[str, Any]:
     result = ray.get(task.remote(spec, held, calib))
     manifest = {
         "method": q.method, "bits": q.bits, "quantize": asdict(q), "gate": result["gate"], "sizes": result["sizes"],
-        "split": split_record(held, calib, q.heldout_fraction), "timings": result["timings"],
+        "split": split_record(held, calib, stage.heldout_fraction), "timings": result["timings"],
         "device": result["device"], "eval_dtype": result["eval_dtype"],
     }
     lineage = _lineage(paths, kind, source, base, labels)

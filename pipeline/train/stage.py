@@ -92,8 +92,8 @@ def resume_config(stage: TrainStage, manifest: Manifest) -> dict[str, Any]:
     t = asdict(stage.train)
     return json.loads(json.dumps({
         "labels": manifest.fingerprint(), "student": [stage.student.name_or_path, stage.student.revision],
-        "train": {k: v for k, v in t.items() if k not in RESUMABLE}, "loss": asdict(stage.loss),
-        "deepspeed": stage.deepspeed}, default=str))
+        "train": {k: v for k, v in t.items() if k not in RESUMABLE}, "heldout_fraction": stage.heldout_fraction,
+        "loss": asdict(stage.loss), "deepspeed": stage.deepspeed}, default=str))
 
 
 def check_resume(stage: TrainStage, current: dict[str, Any]) -> bool:
@@ -149,8 +149,9 @@ def run(cfg: Any) -> dict[str, Any]:
     check_labels_match_student(manifest, stage)
     t = stage.train
     ids = pa.concat_tables([pq.read_table(s, columns=["id"]) for s in shards]).column("id").to_pylist()
-    keep = training_ids(ids, t.heldout_fraction, t.max_rows)
-    rows = len(keep) if keep is not None else sum(not is_heldout(i, t.heldout_fraction) for i in ids)
+    fraction = stage.heldout_fraction
+    keep = training_ids(ids, fraction, t.max_rows)
+    rows = len(keep) if keep is not None else sum(not is_heldout(i, fraction) for i in ids)
     per_worker = rows // t.num_workers
     if per_worker < t.micro_batch_size:
         raise LabelsError(f"{rows} labeled rows cannot fill a micro-batch of {t.micro_batch_size} on each of "
@@ -173,19 +174,18 @@ def run(cfg: Any) -> dict[str, Any]:
         k=manifest.k, loss=asdict(stage.loss), deepspeed=stage.deepspeed, student_dir=stage.paths.student_dir,
         merge=t.merge, seed=t.seed, sequence_parallel_size=t.sequence_parallel_size, cache_shard_mb=t.cache_shard_mb,
         shuffle=t.shuffle,
-        eval_rows=heldout_rows(shards, t.heldout_fraction, t.max_eval_rows),
+        eval_rows=heldout_rows(shards, fraction, t.max_eval_rows),
         lineage={"labels_manifest": str(Path(stage.paths.labels_dir) / "manifest.json"),
                  "labels_fingerprint": manifest.fingerprint(), "student_base": stage.student.name_or_path,
                  "student_revision": stage.student.revision,
-                 "train": asdict(t), "loss": asdict(stage.loss), "deepspeed": stage.deepspeed},
+                 "train": asdict(t), "heldout_fraction": fraction, "loss": asdict(stage.loss),
+                 "deepspeed": stage.deepspeed},
     )
     init_ray(stage.cluster)
     require_resources(stage.cluster, "train.num_workers", t.num_workers, "worker",
                       {"CPU": t.cpus_per_worker, "GPU": 1 if t.use_gpu else 0},
                       "lower train.num_workers or train.cpus_per_worker, raise cluster.num_cpus, or set "
                       "train.use_gpu=false on a machine without GPUs")
-    fraction = t.heldout_fraction
-
     def trained(i: str) -> bool:
         return i in keep if keep is not None else not is_heldout(i, fraction)
 
