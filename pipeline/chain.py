@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import resolve
+from pipeline.data.schema import write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -189,13 +190,13 @@ def run(cfg: Any) -> dict[str, str]:
         else:
             print(f"run: {stage.name} runs", flush=True)
         record.pop(stage.name, None)
-        _save(record_path, record)
+        write_json_atomic(record_path, record)
         begin = time.perf_counter()
         _entry(stage.entry)(OmegaConf.create(derived))
         seconds[stage.name] = round(time.perf_counter() - begin, 1)
         record[stage.name] = fp
-        _save(record_path, record)
-        _save(seconds_path, seconds)
+        write_json_atomic(record_path, record)
+        write_json_atomic(seconds_path, seconds)
         print(f"run: {stage.name} took {seconds[stage.name]:.1f} s", flush=True)
         outcome[stage.name] = "ran"
     ran = {name: seconds[name] for name, how in outcome.items() if how == "ran" and name in seconds}
@@ -238,10 +239,3 @@ def plan(cfg: Any) -> dict[str, Any]:
     result = plan_of(plain)
     show(result, plain["plan"]["format"])
     return result
-
-
-def _save(path: Path, record: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
-    tmp.replace(path)

@@ -83,20 +83,14 @@ def _local_gpus() -> int:
 def _params(model: dict[str, Any]) -> float | None:
     """A model's parameters: `num_parameters` from config, else counted from its config.json on the meta device
     (a local directory, or a hub model already in the local cache: the plan reaches no hub)."""
-    from pipeline.models.load import local_files
+    from pipeline.models.load import count_parameters, local_files
 
     if model.get("num_parameters"):
         return float(model["num_parameters"])
     folder = local_files(model["name_or_path"], model.get("revision"))
-    config = folder / "config.json" if folder else None
-    if config is None or not config.exists():
+    if folder is None or not (folder / "config.json").exists():
         return None
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return float(sum(p.numel() for p in AutoModelForCausalLM.from_config(
-            AutoConfig.from_pretrained(config.parent)).parameters()))
+    return float(count_parameters(folder))
 
 
 def _weights_gb(model: dict[str, Any], on_gpu: bool) -> float | None:

@@ -121,7 +121,8 @@ def test_evaluate_takes_hub_models_as_models_not_folders(chain, monkeypatch):
     from conftest import CONF
     from hub_cache import patch_offline
     from pipeline.config import evaluate_stage
-    from pipeline.evaluate.stage import count_parameters, models_to_evaluate, weights_mb
+    from pipeline.evaluate.stage import models_to_evaluate, weights_mb
+    from pipeline.models.load import count_parameters
 
     root, _, _, hub = chain
     patch_offline(monkeypatch, hub["cache"])
@@ -138,4 +139,5 @@ def test_evaluate_takes_hub_models_as_models_not_folders(chain, monkeypatch):
     teacher_dir = hub["cache"] / "models--ray-distill--tiny-teacher" / "snapshots" / hub["commits"]["teacher"]
     assert weights_mb(models["teacher"]) == pytest.approx(
         (teacher_dir / "model.safetensors").stat().st_size / 2**20)
-    assert count_parameters(models["teacher"]) > 4 * count_parameters(models["student"])
+    teacher, student = (count_parameters(models[r].name_or_path, models[r].revision) for r in ("teacher", "student"))
+    assert teacher > 4 * student

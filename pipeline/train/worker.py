@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import tempfile
 import time
@@ -55,13 +54,8 @@ class WorkerSpec:
     lineage: dict[str, Any] = field(default_factory=dict)
 
 
-def lr_lambda(step: int, warmup: int, total: int, schedule: str) -> float:
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant" or total <= warmup:
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+# train.lr_schedule -> the transformers schedule (each warms up linearly over train.warmup_steps first)
+SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
 
 def deepspeed_config(spec: WorkerSpec, world_size: int | None = None) -> dict[str, Any]:
@@ -114,6 +108,7 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train
     import torch
     import torch.distributed as dist
+    from transformers import get_scheduler
 
     from pipeline.losses.kd import distillation_loss
     from pipeline.train.batches import collate
@@ -129,8 +124,8 @@ def train_loop(config: dict[str, Any]) -> None:
         mpu = sp.register(model, sp_size, spec.micro_batch_size)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, partial(lr_lambda, warmup=spec.warmup_steps, total=spec.total_steps, schedule=spec.lr_schedule))
+    scheduler = get_scheduler(SCHEDULES[spec.lr_schedule], optimizer, num_warmup_steps=spec.warmup_steps,
+                              num_training_steps=spec.total_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=mpu,
                                            config=deepspeed_config(spec, dist.get_world_size()),
                                            dist_init_required=False)
@@ -366,4 +361,6 @@ def _save_student(engine, spec: WorkerSpec, rank: int) -> None:
         for sub in ("adapter", "model"):
             if (out / sub).exists():
                 tokenizer.save_pretrained(out / sub)
-        (out / "lineage.json").write_text(json.dumps(spec.lineage, indent=2, sort_keys=True))
+        from pipeline.data.schema import write_json_atomic
+
+        write_json_atomic(out / "lineage.json", spec.lineage)  # written last: the chain's mark that train finished
