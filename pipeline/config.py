@@ -1,8 +1,8 @@
 """Typed stage configs: the driver resolves the Hydra tree once and hands workers plain dataclasses.
 
 Ray rejects `DictConfig` in actors and `${...}` interpolations do not resolve in workers, so each stage
-takes its subtree through `to_dataclass`, which also turns unknown or missing keys into one clear
-sentence before any work starts.
+takes its subtree through `to_dataclass`: an OmegaConf structured config of the dataclass checks every key and
+value type, and an unknown key, a missing one or a wrong type is one clear sentence before any work starts.
 """
 from __future__ import annotations
 
@@ -155,7 +155,6 @@ class LabelStage:
     teacher: ModelConfig
     data: DataConfig
     label: LabelConfig
-    seed: int = 0
 
 
 @dataclass
@@ -171,7 +170,7 @@ class TrainConfig:
     method: str = "lora"
     num_workers: int = 2
     cpus_per_worker: float = 1
-    use_gpu: bool = False
+    use_gpu: bool = True
     epochs: int = 1
     max_steps: int | None = None
     max_rows: int | None = None
@@ -252,7 +251,6 @@ class TrainStage:
     train: TrainConfig
     loss: LossConfig
     deepspeed: dict[str, Any]
-    seed: int = 0
     # labeled rows held out by a hash of their id (pipeline/data/split.py), shared with the quantize gate
     heldout_fraction: float = 0.05
 
@@ -282,7 +280,7 @@ class EvalConfig:
     latency_requests: int = 8
     concurrency: tuple[int, int] = (1, 1)
     num_cpus_per_actor: float = 1
-    use_gpu: bool = False
+    use_gpu: bool = True
     engine: EngineConfig = field(default_factory=EngineConfig)
     baseline_path: str | None = None
     reuse: bool = True
@@ -324,40 +322,56 @@ class EvaluateStage:
 
 
 def to_dataclass(cls: type, data: Any, where: str) -> Any:
-    """Build `cls` from a plain dict, recursing into nested dataclasses; one sentence on a bad key."""
+    """Build `cls` from a plain mapping through an OmegaConf structured config of it, which checks every value
+    against the field's type (converting "2" to 2); an unknown key, a missing one or a value of the wrong type
+    is one sentence naming the key."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
+
     if dataclasses.is_dataclass(data):
         return data
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}.")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"{where} has unknown key(s) {unknown}; known keys are {sorted(names)}.")
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"{where}.{f.name} is missing; set it in the config or on the command line.")
-            continue
-        value, hint = data[f.name], hints[f.name]
-        if dataclasses.is_dataclass(hint):
-            value = to_dataclass(hint, value, f"{where}.{f.name}")
-        elif typing.get_origin(hint) is tuple and isinstance(value, list):
-            value = tuple(value)
-        kwargs[f.name] = value
-    return cls(**kwargs)
+    try:
+        return _tuples(OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), data)))
+    except OmegaConfBaseException as e:
+        key = f"{where}.{e.full_key}" if getattr(e, "full_key", None) else where
+        if isinstance(e, ConfigKeyError):
+            owner = e.object_type if dataclasses.is_dataclass(e.object_type) else cls
+            known = sorted(f.name for f in dataclasses.fields(owner))
+            raise ConfigError(f"{key} is an unknown key; known keys there are {known}.") from None
+        if isinstance(e, MissingMandatoryValue):
+            raise ConfigError(f"{key} is missing; set it in the config or on the command line.") from None
+        if isinstance(e, ValidationError):
+            reason = str(e).splitlines()[0].rstrip(".")
+            raise ConfigError(f"{key} has the wrong type ({reason}); fix it in the config or on the command "
+                              "line.") from None
+        raise ConfigError(f"{key}: {str(e).splitlines()[0]}") from None
+
+
+def _tuples(obj: Any) -> Any:
+    """OmegaConf keeps tuple-typed fields as lists: give the dataclasses the tuples they declare."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _tuples(value)
+        elif typing.get_origin(hints[f.name]) is tuple and isinstance(value, list):
+            setattr(obj, f.name, tuple(value))
+    return obj
 
 
 def resolve(cfg: Any) -> dict[str, Any]:
     """Resolve a Hydra/OmegaConf config once into plain containers, with a readable error on a bad value."""
     from omegaconf import DictConfig, OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
     if not isinstance(cfg, DictConfig):
         return cfg
     try:
         return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as e:
+        raise ConfigError(f"{e.full_key} is missing; set it in the config or on the command line.") from None
     except OmegaConfBaseException as e:
         raise ConfigError(f"The config does not resolve: {str(e).splitlines()[0]}") from None
 
@@ -378,7 +392,6 @@ def label_stage(cfg: Any) -> LabelStage:
         teacher=to_dataclass(ModelConfig, plain["teacher"], "teacher"),
         data=to_dataclass(DataConfig, plain["data"], "data"),
         label=to_dataclass(LabelConfig, plain["label"], "label"),
-        seed=plain.get("seed", 0),
     )
     stage.teacher.validate("teacher")
     stage.label.validate(stage.teacher)
@@ -396,7 +409,6 @@ def train_stage(cfg: Any) -> TrainStage:
         train=to_dataclass(TrainConfig, plain["train"], "train"),
         loss=to_dataclass(LossConfig, plain["loss"], "loss"),
         deepspeed=dict(plain["deepspeed"]),
-        seed=plain.get("seed", 0),
         heldout_fraction=heldout_fraction(plain),
     )
     stage.student.validate("student")

@@ -108,6 +108,11 @@ def _sibling_group(lines, i):
     (["loss.divergence=kl"], "is not one of"),
     (["loss.alpha=1.5"], "must be in"),
     (["train.micro_batch_size=0"], "at least 1"),
+    (["train.num_workers=two"], r"^train.num_workers has the wrong type \(Value 'two' of type 'str' could not be "
+                                r"converted to Integer\); fix it in the config or on the command line.$"),
+    (["label.concurrency=[1,many]"], r"^label.concurrency\[1\] has the wrong type"),
+    (["+train.lora.rank=4"], r"^train.lora.rank is an unknown key; known keys there are \['alpha', 'dropout', 'r', "),
+    (["paths.run_root=???"], r"^paths.run_root is missing"),
 ])
 def test_wrong_config_is_one_clear_sentence(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -146,3 +151,43 @@ def test_one_heldout_split_for_training_and_the_quantize_gate():
         quantize_stage(_compose("heldout_fraction=0"))
     with pytest.raises(ConfigError, match=r"heldout_fraction=1\.5 must be a fraction"):
         train_stage(_compose("heldout_fraction=1.5"))
+
+
+def _defaults(cls) -> dict:
+    import dataclasses
+
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+            out[f.name] = _defaults(type(value)) if dataclasses.is_dataclass(value) else value
+        elif f.default is not dataclasses.MISSING:
+            out[f.name] = list(f.default) if isinstance(f.default, tuple) else f.default
+    return out
+
+
+@pytest.mark.parametrize("group,cls", [("label", "pipeline.config:LabelConfig"), ("train", "pipeline.config:TrainConfig"),
+                                       ("evaluate", "pipeline.config:EvalConfig"),
+                                       ("quantize", "pipeline.quantize.config:QuantizeConfig"),
+                                       ("serve", "pipeline.serve.config:ServeConfig")])
+def test_each_default_has_one_value(group, cls):
+    """A group's shipped YAML and its dataclass (the schema every value is checked against) agree on every default
+    both state (an interpolation such as ${seed} is the YAML's own), and the YAML ships no key the schema lacks."""
+    import yaml
+
+    module, name = cls.split(":")
+    schema = _defaults(getattr(importlib.import_module(module), name))
+    path = CONF / group / ("gptq_w4.yaml" if group == "quantize" else "default.yaml")
+    shipped = yaml.safe_load(path.read_text())
+    shipped.pop("defaults", None)
+
+    def walk(yaml_values, dataclass_values, where):
+        for key, value in yaml_values.items():
+            assert key in dataclass_values, f"{where}.{key} is shipped in YAML but has no field"
+            default = dataclass_values[key]
+            if isinstance(value, dict) and isinstance(default, dict) and key not in ("build", "divergence_kwargs"):
+                walk(value, default, f"{where}.{key}")
+            elif not (isinstance(value, str) and "${" in value):
+                assert value == default, f"{where}.{key}: YAML says {value!r}, the dataclass {default!r}"
+
+    walk(shipped, schema, group)

@@ -67,7 +67,6 @@ class QuantizeConfig:
     num_cpus: float = 1
     num_gpus: float = 0
     cpu_workers: int = 2
-    seed: int = 0
 
     def validate(self) -> None:
         """Everything about the quantize config that can be wrong before a model is loaded."""
@@ -107,7 +106,6 @@ class QuantizeStage:
     paths: PathsConfig
     cluster: ClusterConfig
     quantize: QuantizeConfig
-    seed: int = 0
     # the train stage's held-out rows (top-level heldout_fraction): the gate scores them, calibration never uses them
     heldout_fraction: float = 0.05
 
@@ -118,7 +116,6 @@ def quantize_stage(cfg: Any) -> QuantizeStage:
         paths=to_dataclass(PathsConfig, plain["paths"], "paths"),
         cluster=to_dataclass(ClusterConfig, plain["cluster"], "cluster"),
         quantize=to_dataclass(QuantizeConfig, plain["quantize"], "quantize"),
-        seed=plain.get("seed", 0),
         heldout_fraction=heldout_fraction(plain),
     )
     stage.quantize.validate()
