@@ -39,8 +39,8 @@ def compose(args):
 def prompts(args):
     """The corpus' prompts as token ids, exactly as the label stage prepares them."""
     from pipeline.config import label_stage
-    from pipeline.label.prepare import tokenize_row
-    from pipeline.label.reader import parse_row
+    from pipeline.generation.prepare import tokenize_row
+    from pipeline.generation.reader import parse_row
     from pipeline.label.stage import prepare_spec, teacher_spec
 
     stage = label_stage(compose(args))
@@ -74,7 +74,7 @@ def part_raw_vllm(args) -> dict:
     from vllm import LLM
     from vllm.inputs import TokensPrompt
 
-    from pipeline.label.teacher import _row_seed, engine_kwargs, sampling_params
+    from pipeline.generation.engine import _row_seed, engine_kwargs, sampling_params
 
     stage, spec, ids = prompts(args)
     llm = LLM(**engine_kwargs(spec))
@@ -96,7 +96,7 @@ def part_ray_data_llm(args) -> dict:
     import ray
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
-    from pipeline.label.teacher import engine_kwargs
+    from pipeline.generation.engine import engine_kwargs
 
     stage, spec, ids = prompts(args)
     ray.init(include_dashboard=False)

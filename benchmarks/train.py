@@ -80,7 +80,7 @@ def _plain_batches(args, n: int):
     import pyarrow.parquet as pq
 
     from pipeline.config import train_stage
-    from pipeline.train.batches import REQUIRED_COLUMNS, collate
+    from pipeline.data.batches import REQUIRED_COLUMNS, collate
 
     stage = train_stage(compose(args))
     shards = sorted(Path(stage.paths.labels_dir).glob("part-*.parquet"))

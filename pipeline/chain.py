@@ -138,7 +138,7 @@ def fingerprints(plain: dict[str, Any], chain: list[Stage]) -> dict[str, str]:
         own = {group: derived.get(group) for group in stage.groups}
         if stage.entry == "label" and not derived["data"].get("build"):
             # a corpus of the user's own: its content, not only its paths (a bundled one follows data.build)
-            from pipeline.label.reader import corpus_identity
+            from pipeline.generation.reader import corpus_identity
 
             own["corpus"] = corpus_identity(derived["data"]["paths"])
         # train.overwrite says what to do with another config's checkpoints, not what train makes; left out, the

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline.data.schema import encode_topk
-from pipeline.train.batches import collate
+from pipeline.data.batches import collate
 
 K = 3
 

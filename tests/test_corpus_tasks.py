@@ -6,7 +6,7 @@ import random
 import pytest
 
 from pipeline.data.corpus import TASKS, build_corpus, make_rows, sample_texts, sort_example
-from pipeline.evaluate.metrics import answer_correct
+from pipeline.metrics import answer_correct
 
 
 def test_sort_answers_are_the_prompt_digits_in_ascending_order():

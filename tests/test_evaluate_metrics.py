@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from pipeline.evaluate.metrics import answer_correct, last_number, summarize, teacher_forced_sums
+from pipeline.metrics import answer_correct, last_number, summarize, teacher_forced_sums
 from pipeline.config import GoalsConfig
 from pipeline.evaluate.report import check_goals
 

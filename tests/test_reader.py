@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pipeline.label.reader import parse_row
+from pipeline.generation.reader import parse_row
 
 GOOD = {"id": 1, "messages": [{"role": "user", "content": "hi"}]}
 
@@ -45,7 +45,7 @@ def test_good_rows_parse():
 def test_a_corpus_is_identified_by_its_content_not_its_place(tmp_path):
     """The label manifest (and the chain) record what a corpus holds: the same files elsewhere are the same corpus,
     a rewritten or extended file is another, and a `*` in a file name is expanded."""
-    from pipeline.label.reader import corpus_identity
+    from pipeline.generation.reader import corpus_identity
 
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()

@@ -21,7 +21,7 @@ LOSS = dict(alpha=0.3, temperature=2.0, divergence="forward_kl")
 
 
 def _batch(vocab: int) -> dict[str, torch.Tensor]:
-    """A collated batch (pipeline.train.batches.collate's layout) with a random sparse teacher."""
+    """A collated batch (pipeline.data.batches.collate's layout) with a random sparse teacher."""
     g = torch.Generator().manual_seed(0)
     lengths, length = [23, 17, 9], 23
     input_ids = torch.zeros(B, length, dtype=torch.long)

@@ -150,7 +150,7 @@ class Manifest:
         "name": "topk-idgap-3plane+u8-logprob", "logprob_step": LOGPROB_STEP, "codes": LOGPROB_CODES,
         "min_tail_logprob": MIN_TAIL_LOGPROB})
     schema_version: int = SCHEMA_VERSION
-    # the corpus's content (pipeline.label.reader.corpus_identity: file names, sizes, first bytes), not its paths;
+    # the corpus's content (pipeline.generation.reader.corpus_identity: file names, sizes, first bytes), not its paths;
     # None in manifests written before it was recorded
     corpus_sha256: str | None = None
 

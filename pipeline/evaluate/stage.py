@@ -109,12 +109,10 @@ def models_to_evaluate(stage: EvaluateStage) -> dict[str, ModelConfig]:
 def generate(stage: EvaluateStage, model: ModelConfig, heldout: Path) -> pa.Table:
     """Greedy responses with top-k logprobs for every held-out row, through Ray Data + vLLM actors (each spans
     the model's tensor_parallel_size GPUs with evaluate.use_gpu)."""
-    import ray
-
-    from pipeline.evaluate.workers import Generator
-    from pipeline.label.prepare import Ledger, PrepareSpec, prepare_batch
-    from pipeline.label.reader import CorpusDatasource
-    from pipeline.label.teacher import TeacherSpec
+    from pipeline.evaluate.workers import TimedGenerator
+    from pipeline.generation.engine import EngineSpec
+    from pipeline.generation.prepare import PrepareSpec
+    from pipeline.generation.processor import ProcessorSpec, build_processor, read_corpus
     from pipeline.runtime import require_resources
 
     ev = stage.evaluate
@@ -125,29 +123,23 @@ def generate(stage: EvaluateStage, model: ModelConfig, heldout: Path) -> pa.Tabl
                       "machine without GPUs, or raise cluster.num_cpus")
     prep = PrepareSpec(tokenizer=model.name_or_path, revision=model.revision, mode="generate",
                        max_prompt_tokens=ev.max_prompt_tokens, max_response_tokens=ev.max_response_tokens,
-                       max_model_len=model.max_model_len)
-    spec = TeacherSpec(model=model.name_or_path, revision=model.revision, dtype=model.dtype,
-                       max_model_len=model.max_model_len, tensor_parallel_size=model.tensor_parallel_size,
-                       mode="generate", k=ev.k, max_response_tokens=ev.max_response_tokens, temperature=0.0,
-                       top_p=1.0, seed=None, **dataclasses.asdict(ev.engine))
-    nowhere = str(Path(stage.paths.eval_dir) / "no-earlier-rows")  # evaluation never resumes: an empty ledger
-    ledger = Ledger.remote(nowhere, nowhere)
-    ds = ray.data.read_datasource(CorpusDatasource([str(heldout)]))
-    ds = ds.map_batches(prepare_batch, fn_kwargs={"spec": prep, "ledger": ledger}, batch_format="pyarrow",
-                        batch_size=ev.batch_size, num_cpus=0.5)
-    ds = ds.map_batches(Generator, fn_constructor_kwargs={"spec": spec, "latency_requests": ev.latency_requests},
-                        batch_format="pyarrow", batch_size=ev.batch_size,
-                        compute=ray.data.ActorPoolStrategy(min_size=ev.concurrency[0], max_size=ev.concurrency[1]),
-                        num_cpus=ev.num_cpus_per_actor, num_gpus=gpus)
+                       max_model_len=model.max_model_len, setting="evaluate")
+    engine = EngineSpec(model=model.name_or_path, revision=model.revision, dtype=model.dtype,
+                        max_model_len=model.max_model_len, tensor_parallel_size=model.tensor_parallel_size,
+                        mode="generate", k=ev.k, max_response_tokens=ev.max_response_tokens, temperature=0.0,
+                        top_p=1.0, seed=None, **dataclasses.asdict(ev.engine))
+    spec = ProcessorSpec(prepare=prep, engine=engine, batch_size=ev.batch_size, concurrency=tuple(ev.concurrency),
+                         num_cpus_per_actor=ev.num_cpus_per_actor, num_gpus_per_actor=gpus, actor=TimedGenerator,
+                         actor_kwargs={"latency_requests": ev.latency_requests})
+    ds = build_processor(spec)(read_corpus([str(heldout)]))  # fresh held-out rows: no ledger, nothing to resume
     table = pa.concat_tables(list(ds.iter_batches(batch_size=None, batch_format="pyarrow")))
-    ray.kill(ledger)
     return table.sort_by("line")
 
 
 def generation_metrics(table: pa.Table, answers: dict[int, str], model: ModelConfig, metric: str) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    from pipeline.evaluate.metrics import answer_correct
+    from pipeline.metrics import answer_correct
 
     tok = AutoTokenizer.from_pretrained(model.name_or_path, revision=model.revision)
     ok = table.filter(pc.is_null(table["reason"]))
@@ -172,9 +164,9 @@ def teacher_forced(stage: EvaluateStage, model: ModelConfig, reference: pa.Table
     evaluate.use_gpu)."""
     import ray
 
-    from pipeline.evaluate.metrics import summarize
+    from pipeline.metrics import summarize
     from pipeline.evaluate.workers import Scorer
-    from pipeline.train.batches import REQUIRED_COLUMNS
+    from pipeline.data.batches import REQUIRED_COLUMNS
 
     ev = stage.evaluate
     ds = ray.data.from_arrow(reference.select(REQUIRED_COLUMNS))

@@ -1,9 +1,9 @@
 """Ray Data UDFs of the evaluate stage.
 
-`Generator` is the label stage's vLLM actor (same engine settings, token ids in, top-k out) run greedily,
+`TimedGenerator` is the generation path's vLLM actor (the label stage's) (same engine settings, token ids in, top-k out) run greedily,
 timing its engine calls and, on its first batch, a few requests one at a time after one untimed warm-up
 request (latency per request as a user of a served model sees it). `Scorer` runs an HF model teacher-forced over the teacher's responses and
-returns the metric sums of `pipeline.evaluate.metrics`.
+returns the metric sums of `pipeline.metrics`.
 """
 from __future__ import annotations
 
@@ -12,15 +12,15 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from pipeline.label.teacher import TeacherLabeler, TeacherSpec
+from pipeline.generation.engine import VLLMGenerator, EngineSpec
 
 TIMED_SCHEMA_EXTRA = [pa.field("engine_seconds", pa.float64()), pa.field("latency_s", pa.float64())]
 
 
-class Generator(TeacherLabeler):
+class TimedGenerator(VLLMGenerator):
     """PREPARED rows → LABELED rows + engine_seconds (this row's share of its batch) + latency_s."""
 
-    def __init__(self, spec: TeacherSpec, latency_requests: int):
+    def __init__(self, spec: EngineSpec, latency_requests: int):
         super().__init__(spec)
         self.latency_left = latency_requests
         self.warmed = False
@@ -28,7 +28,7 @@ class Generator(TeacherLabeler):
     def __call__(self, batch: pa.Table) -> pa.Table:
         from vllm.inputs import TokensPrompt
 
-        from pipeline.label.teacher import sampling_params
+        from pipeline.generation.engine import sampling_params
 
         latency = [None] * batch.num_rows
         prompts = batch.column("prompt_ids").to_pylist()
@@ -73,8 +73,8 @@ class Scorer:
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        from pipeline.evaluate.metrics import teacher_forced_sums
-        from pipeline.train.batches import collate
+        from pipeline.metrics import teacher_forced_sums
+        from pipeline.data.batches import collate
 
         pad = getattr(self.model.config, "pad_token_id", None) or 0
         b = {key: value.to(self.device) if isinstance(value, torch.Tensor) else value

@@ -20,9 +20,9 @@ import pyarrow.parquet as pq
 from pipeline.config import LabelStage, label_stage
 from pipeline.data.schema import MAX_VOCAB, Manifest, manifest_path, read_manifest, write_manifest
 from pipeline.errors import ConfigError, LabelsError
-from pipeline.label.prepare import PrepareSpec
-from pipeline.label.reader import corpus_identity
-from pipeline.label.teacher import TeacherSpec
+from pipeline.generation.prepare import PrepareSpec
+from pipeline.generation.reader import corpus_identity
+from pipeline.generation.engine import EngineSpec
 from pipeline.models.load import ensure_model, load_tokenizer_checked, model_fingerprint, pin_revision, \
     tokenizer_fingerprint
 
@@ -109,7 +109,7 @@ def run(cfg: Any) -> dict[str, Any]:
     Path(stage.paths.rejected_dir).mkdir(parents=True, exist_ok=True)
 
     from pipeline.label.dataset import build_dataset
-    from pipeline.label.prepare import Ledger
+    from pipeline.generation.prepare import Ledger
 
     ledger = Ledger.remote(stage.paths.labels_dir, stage.paths.rejected_dir)
     resumed = ray.get(ledger.resumed_rows.remote())
@@ -131,9 +131,9 @@ def prepare_spec(stage: LabelStage) -> PrepareSpec:
                        max_response_tokens=stage.label.max_response_tokens, max_model_len=stage.teacher.max_model_len)
 
 
-def teacher_spec(stage: LabelStage) -> TeacherSpec:
+def teacher_spec(stage: LabelStage) -> EngineSpec:
     t, lab = stage.teacher, stage.label
-    return TeacherSpec(
+    return EngineSpec(
         model=t.name_or_path, revision=t.revision, dtype=t.dtype, max_model_len=t.max_model_len,
         tensor_parallel_size=t.tensor_parallel_size, mode=lab.mode, k=lab.k,
         max_response_tokens=lab.max_response_tokens, temperature=lab.sampling.temperature,

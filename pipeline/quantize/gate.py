@@ -19,33 +19,26 @@ class QualityGateError(DistillError):
 
 
 def score(model, rows: pa.Table, k: int, batch_size: int, pad_id: int, max_seq_len: int = 4096) -> dict[str, Any]:
-    """Perplexity, top-1 agreement and mean KL to the teacher over every scored response token of `rows`."""
+    """Perplexity, top-1 agreement and mean KL to the teacher over every scored response token of `rows`: the
+    teacher-forced metrics of `pipeline.metrics`, as the train stage's held-out scoring and evaluate compute them."""
     import torch
 
-    from pipeline.losses.kd import bucket_logprobs, forward_kl, student_buckets
-    from pipeline.train.batches import collate
+    from pipeline.data.batches import collate
+    from pipeline.metrics import summarize, teacher_forced_sums
 
-    ce_sum = kl_sum = agree = tokens = 0.0
+    sums = {"tokens": 0.0, "agree": 0.0, "kl": 0.0, "nll": 0.0}
     columns = {c: rows.column(c).to_pylist() for c in rows.column_names}
     with torch.no_grad():
         for start in range(0, rows.num_rows, batch_size):
-            batch = {c: v[start:start + batch_size] for c, v in columns.items()}
-            b = collate(batch, k=k, max_seq_len=max_seq_len, pad_id=pad_id)
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
-            mask = b["loss_mask"]
-            n = mask.sum()
-            log_probs = torch.log_softmax(logits, dim=-1)
-            ce = -log_probs.gather(-1, b["labels"].unsqueeze(-1)).squeeze(-1)
-            ce_sum += float((ce * mask).sum())
-            teacher_top1 = b["teacher_ids"].gather(-1, b["teacher_logprobs"].argmax(-1, keepdim=True)).squeeze(-1)
-            agree += float(((logits.argmax(-1) == teacher_top1).float() * mask).sum())
-            t_log = bucket_logprobs(b["teacher_logprobs"], b["teacher_tail"])
-            kl_sum += float(forward_kl(t_log, student_buckets(logits, b["teacher_ids"]), mask) * n)
-            tokens += float(n)
-    import math
-
-    return {"perplexity": math.exp(ce_sum / tokens), "top1_agreement": agree / tokens,
-            "kl_to_teacher": kl_sum / tokens, "tokens": int(tokens), "rows": rows.num_rows}
+            b = collate({c: v[start:start + batch_size] for c, v in columns.items()}, k=k, max_seq_len=max_seq_len,
+                        pad_id=pad_id)
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+            part = teacher_forced_sums(logits, b["labels"], b["loss_mask"], b["teacher_ids"], b["teacher_logprobs"],
+                                       b["teacher_tail"])
+            sums = {name: sums[name] + part[name] for name in sums}
+    figures = summarize(sums)
+    return {"perplexity": figures["perplexity"], "top1_agreement": figures["top1_agreement"],
+            "kl_to_teacher": figures["kl_to_teacher"], "tokens": figures["scored_tokens"], "rows": rows.num_rows}
 
 
 def drops(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:

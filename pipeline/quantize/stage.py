@@ -19,8 +19,7 @@ from typing import Any
 from pipeline.data.schema import read_manifest
 from pipeline.errors import ConfigError, ModelError
 from pipeline.quantize.card import write_card
-from pipeline.quantize.config import METHODS, QuantizeConfig, QuantizeStage, check_group_size, missing_packages, \
-    quantize_stage
+from pipeline.quantize.config import METHODS, QuantizeConfig, check_group_size, missing_packages, quantize_stage
 from pipeline.quantize.data import calibration_examples, split_record, split_rows
 from pipeline.quantize.gate import QualityGateError, failure_sentence, verdict
 from pipeline.models.merge import find_student

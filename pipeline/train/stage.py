@@ -23,7 +23,7 @@ from pipeline.data.split import is_heldout, training_ids
 from pipeline.data.schema import Manifest, read_manifest, validate_labels_table, write_json_atomic
 from pipeline.errors import ConfigError, LabelsError
 from pipeline.models.load import ensure_model, load_tokenizer_checked, pin_revision, tokenizer_fingerprint
-from pipeline.train.batches import REQUIRED_COLUMNS
+from pipeline.data.batches import REQUIRED_COLUMNS
 from pipeline.train.sequence_parallel import check_heads
 from pipeline.train.worker import WorkerSpec, train_loop
 

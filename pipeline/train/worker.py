@@ -111,7 +111,7 @@ def train_loop(config: dict[str, Any]) -> None:
     from transformers import get_scheduler
 
     from pipeline.losses.kd import distillation_loss
-    from pipeline.train.batches import collate
+    from pipeline.data.batches import collate
     from pipeline.train import sequence_parallel as sp
 
     torch.manual_seed(spec.seed)
@@ -211,9 +211,9 @@ def evaluate_heldout(engine, spec: WorkerSpec, mpu, data_ranks: int, pad: int, r
     import torch
     import torch.distributed as dist
 
-    from pipeline.evaluate.metrics import summarize, teacher_forced_sums
+    from pipeline.metrics import summarize, teacher_forced_sums
     from pipeline.train import sequence_parallel as sp
-    from pipeline.train.batches import collate
+    from pipeline.data.batches import collate
 
     rows = {key: np.asarray(value, dtype=object) for key, value in spec.eval_rows.items()}
     n = len(next(iter(rows.values())))

@@ -1,8 +1,8 @@
-"""CPU step before the teacher: parse, apply the chat template, tokenize once, and check every limit.
+"""CPU step before the engine: parse, apply the chat template, tokenize once, and check every limit.
 
 The ids produced here are the ids the teacher scores and the student trains on; nothing downstream
 tokenizes again. Rows that fail a check keep flowing with a `reason` so the writer can quarantine them,
-and a small ledger actor skips rows finished by an earlier run and refuses repeated ids.
+and (when the run keeps one) a small ledger actor skips rows finished by an earlier run and refuses repeated ids.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from pipeline.label.reader import parse_row
+from pipeline.generation.reader import parse_row
 
 PREPARED_SCHEMA = pa.schema([
     ("id", pa.string()), ("source", pa.string()), ("line", pa.int64()),
@@ -30,6 +30,8 @@ class PrepareSpec:
     max_prompt_tokens: int
     max_response_tokens: int
     max_model_len: int
+    # the config group the limits come from, for the reasons rows are refused with ("label", "evaluate")
+    setting: str = "label"
 
 
 @lru_cache(maxsize=4)
@@ -48,7 +50,7 @@ def tokenize_row(row: dict, spec: PrepareSpec) -> tuple[list[int], list[int], st
     else:
         prompt_ids = tok(row["prompt"], add_special_tokens=False)["input_ids"]
     if len(prompt_ids) > spec.max_prompt_tokens:
-        return [], [], (f"prompt is {len(prompt_ids)} tokens, more than label.max_prompt_tokens="
+        return [], [], (f"prompt is {len(prompt_ids)} tokens, more than {spec.setting}.max_prompt_tokens="
                         f"{spec.max_prompt_tokens}")
     response_ids: list[int] = []
     if spec.mode != "generate":  # score, reference: the corpus's own response
@@ -56,7 +58,7 @@ def tokenize_row(row: dict, spec: PrepareSpec) -> tuple[list[int], list[int], st
         if tok.eos_token_id is not None:
             response_ids.append(tok.eos_token_id)
         if len(response_ids) > spec.max_response_tokens:
-            return [], [], (f"response is {len(response_ids)} tokens, more than label.max_response_tokens="
+            return [], [], (f"response is {len(response_ids)} tokens, more than {spec.setting}.max_response_tokens="
                             f"{spec.max_response_tokens}")
         if len(prompt_ids) + len(response_ids) > spec.max_model_len:
             return [], [], (f"prompt + response is {len(prompt_ids) + len(response_ids)} tokens, more than the "
@@ -64,8 +66,9 @@ def tokenize_row(row: dict, spec: PrepareSpec) -> tuple[list[int], list[int], st
     return prompt_ids, response_ids, None
 
 
-def prepare_batch(batch: pa.Table, spec: PrepareSpec, ledger) -> pa.Table:
-    """RAW_SCHEMA rows in, PREPARED_SCHEMA rows out (rows an earlier run finished are dropped)."""
+def prepare_batch(batch: pa.Table, spec: PrepareSpec, ledger=None) -> pa.Table:
+    """RAW_SCHEMA rows in, PREPARED_SCHEMA rows out; with a `Ledger`, rows an earlier run finished are dropped and
+    a repeated id is refused (without one, e.g. evaluation's fresh held-out rows, every row goes on)."""
     out = {name: [] for name in PREPARED_SCHEMA.names}
     for source, line, raw in zip(*(batch.column(c).to_pylist() for c in ("source", "line", "raw"))):
         row, reason = parse_row(raw, spec.mode)  # a rejected row may still carry its id
@@ -75,6 +78,8 @@ def prepare_batch(batch: pa.Table, spec: PrepareSpec, ledger) -> pa.Table:
         for name, value in zip(PREPARED_SCHEMA.names, (row["id"] if row else None, source, line, prompt_ids,
                                                         response_ids, reason)):
             out[name].append(value)
+    if ledger is None:
+        return pa.table(out, schema=PREPARED_SCHEMA)
     status = ray.get(ledger.claim.remote(out["source"], out["line"], out["id"], out["reason"]))
     for i, s in enumerate(status):
         if s == "duplicate":

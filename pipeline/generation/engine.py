@@ -1,4 +1,5 @@
-"""The teacher actor: a vLLM engine that turns prepared rows into compact top-k soft labels.
+"""The generation actor: a vLLM engine that turns prepared rows into responses with compact top-k soft labels
+(the teacher labeling a corpus, or any model generating for evaluation).
 
 A thin `map_batches` class around `vllm.LLM` rather than `ray.data.llm`: its engine stage hands back
 every top-k entry as a Python dict per token per row (Ray then pickles them as object columns), which on
@@ -22,7 +23,7 @@ LABELED_SCHEMA = pa.schema(list(LABEL_SCHEMA) + [pa.field("reason", pa.string())
 
 
 @dataclass(frozen=True)
-class TeacherSpec:
+class EngineSpec:
     model: str
     revision: str | None
     dtype: str
@@ -43,7 +44,7 @@ class TeacherSpec:
     in_process: bool = False
 
 
-def engine_kwargs(spec: TeacherSpec) -> dict:
+def engine_kwargs(spec: EngineSpec) -> dict:
     """The vLLM engine arguments a teacher spec implies (shared with the benchmark's raw-vLLM baseline)."""
     kwargs = dict(model=spec.model, revision=spec.revision, tokenizer_revision=spec.revision, dtype=spec.dtype,
                   max_model_len=spec.max_model_len,
@@ -52,7 +53,7 @@ def engine_kwargs(spec: TeacherSpec) -> dict:
                   seed=spec.seed or 0)
     if spec.kv_cache_memory_bytes is not None:  # a fixed KV cache instead of a share of the device's memory
         kwargs["kv_cache_memory_bytes"] = spec.kv_cache_memory_bytes
-    if spec.in_process:  # the model runs in this process (see `TeacherLabeler`)
+    if spec.in_process:  # the model runs in this process (see `VLLMGenerator`)
         kwargs["distributed_executor_backend"] = "uni"
     elif spec.tensor_parallel_size > 1:
         # the actor holds the GPUs its engine spans (Ray set CUDA_VISIBLE_DEVICES to them): vLLM's worker processes
@@ -62,7 +63,7 @@ def engine_kwargs(spec: TeacherSpec) -> dict:
     return kwargs
 
 
-def sampling_params(spec: TeacherSpec, prompt_len: int, row_seed: int | None):
+def sampling_params(spec: EngineSpec, prompt_len: int, row_seed: int | None):
     """generate: sample the response, with the raw top-k at every generated position; score: one dummy
     token, with the raw top-k at every prompt position (the response is part of the prompt)."""
     from vllm import SamplingParams
@@ -99,10 +100,10 @@ def label_columns(prompt_ids: list[int], response_ids: np.ndarray, flat, first: 
             "token_logprob": actual_lp.astype(np.float16)}
 
 
-class TeacherLabeler:
+class VLLMGenerator:
     """Ray Data UDF: PREPARED rows in, LABELED rows out (rows with a reason pass through untouched)."""
 
-    def __init__(self, spec: TeacherSpec):
+    def __init__(self, spec: EngineSpec):
         import os
 
         if spec.in_process:  # engine core and worker in this actor: no two processes that import torch and vLLM
@@ -180,7 +181,7 @@ def reference_labels(batch: pa.Table, k: int) -> pa.Table:
     return pa.Table.from_pylist([_complete(r) for r in rows], schema=LABELED_SCHEMA)
 
 
-def _row_seed(spec: TeacherSpec, row: dict) -> int | None:
+def _row_seed(spec: EngineSpec, row: dict) -> int | None:
     # Per-row seeds tied to the row, not to batch order, so a resumed run generates what a clean one would.
     if spec.seed is None:
         return None
