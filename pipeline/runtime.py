@@ -96,15 +96,19 @@ def user_errors():
         raise
 
 
-def interrupt_and_wait(proc, timeout: float = 90) -> int:
+def interrupt_and_wait(proc, timeout: float = 90, group: bool = False) -> int:
     """Stop a long-running entrypoint as Ctrl-C would (SIGINT, so it shuts its engines down cleanly); kill its
     process group if it has not exited after `timeout` seconds. `proc` must lead its own process group
-    (`start_new_session=True`). Returns its exit code."""
+    (`start_new_session=True`). `group`: signal the whole process group, as a terminal does (the embedded Ray's
+    processes included), instead of the entrypoint alone. Returns its exit code."""
     import signal
     import subprocess
 
     if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
+        if group:
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGINT)
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

