@@ -1,4 +1,4 @@
-# make setup | make demo | make test | make bench
+# make setup | make demo | make test | make test-fast | make bench
 # Outside a machine whose pip already finds the CPU torch wheel, point pip at PyTorch's CPU index:
 #   make setup PIP_EXTRA="--extra-index-url https://download.pytorch.org/whl/cpu"
 PYTHON ?= python3
@@ -7,8 +7,10 @@ PIP_EXTRA ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ray-distill-installed
 DEMO_ROOT ?= $(or $(RAY_DISTILL_ROOT),/tmp/ray-distill)/demo
+# pytest-xdist workers: test modules run side by side (each engine test leaves a core idle a third of the time)
+TEST_WORKERS ?= 2
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -25,7 +27,11 @@ demo: setup
 	$(BIN)/python ray_jobs/run.py experiment=demo paths.run_root=$(DEMO_ROOT)
 
 test: setup
-	$(BIN)/python -m pytest -q --durations=25 tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25 tests
+
+# the unit tests only (no stage entrypoint, engine or Ray cluster): about a minute
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 bench: setup
 	$(BIN)/python benchmarks/label.py

@@ -12,6 +12,24 @@ REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 
 
+def free_port() -> int:
+    """A TCP port that is free now and that nobody else is handed meanwhile: below Linux's ephemeral range (32768 up,
+    where bind(0) and every outgoing connection take theirs, so a port found with bind(0) can be taken by another
+    test's Ray before the server that was meant to listen on it starts) and above Ray's worker ports (10002-19999)."""
+    import random
+    import socket
+
+    for _ in range(200):
+        port = random.randrange(20000, 32768)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32767")
+
+
 def run_job(script: str, *overrides: str, timeout: int = 900, check: bool = True,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run `python ray_jobs/<script> overrides...` exactly as a user would, from the repo root (`env`: variables
@@ -22,6 +40,26 @@ def run_job(script: str, *overrides: str, timeout: int = 900, check: bool = True
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+# The modules that start engines, longest first: `make test` runs modules on two pytest-xdist workers
+# (--dist loadfile --no-loadscope-reorder), which take them in this order, so the long ones never start last.
+HEAVY_FIRST = ["test_chain", "test_train_stage", "test_label_stage", "test_serve", "test_ray_job_submit",
+               "test_quantize", "test_plan", "test_cluster_manifests", "test_config"]
+
+
+# A test is `slow` (left out by `make test-fast`) when it runs a stage entrypoint, an engine or a Ray cluster: every
+# test of these modules, and any test that uses one of these fixtures.
+SLOW_MODULES = {"test_chain", "test_train_stage", "test_label_stage", "test_ray_job_submit"}
+SLOW_FIXTURES = {"server", "client", "run_root", "hub_models"}
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)))
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES or SLOW_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

