@@ -14,6 +14,7 @@ the student is trained from the hub base and its LoRA adapter merged into that b
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -146,3 +147,42 @@ def test_evaluate_takes_hub_models_as_models_not_folders(chain, monkeypatch):
         (teacher_dir / "model.safetensors").stat().st_size / 2**20)
     teacher, student = (count_parameters(models[r].name_or_path, models[r].revision) for r in ("teacher", "student"))
     assert teacher > 4 * student
+
+
+def test_run_skip_and_baseline_choose_the_stages_and_their_configs(tmp_path, monkeypatch):
+    """`run.baseline=true` adds an SFT-only student (loss.alpha=1, written to <run_root>/baseline) that evaluate takes as its
+    baseline; `run.skip` leaves stages out. The stages are replaced by recorders (each would start engines): what is
+    checked is which stages start, in which order, with which config; a second run with the same config skips them."""
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF
+    from pipeline import chain
+
+    started = []
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+    def recorder(name):
+        def run(cfg):
+            started.append((name, cfg))
+            marks = {"label": "labels/manifest.json", "quantize": "quantized/manifest.json",
+                     "evaluate": "eval/metrics.json"}
+            if name == "train":  # where this train stage writes: the student's or the baseline's folder
+                mark = Path(cfg.paths.student_dir) / "lineage.json"
+            else:
+                mark = tmp_path / marks[name]
+            mark.parent.mkdir(parents=True, exist_ok=True)
+            mark.write_text("{}")
+        return run
+
+    monkeypatch.setattr(chain, "_entry", recorder)
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["debug=tiny", f"paths.run_root={tmp_path}", "run.baseline=true",
+                                           "run.skip=[quantize]"])
+    assert chain.run(cfg) == {"label": "ran", "train": "ran", "baseline": "ran", "evaluate": "ran"}
+    assert [name for name, _ in started] == ["label", "train", "train", "evaluate"]
+    student, baseline, evaluate = (c for _, c in started[1:])
+    assert (student.loss.alpha, student.paths.student_dir) == (0.3, f"{tmp_path}/student")
+    assert (baseline.loss.alpha, baseline.paths.student_dir) == (1.0, f"{tmp_path}/baseline")
+    assert evaluate.evaluate.baseline_path == f"{tmp_path}/baseline"
+    started.clear()
+    assert set(chain.run(cfg).values()) == {"skipped"} and not started

@@ -89,13 +89,16 @@ def test_two_workers_distil_the_student(labeled, method, zero, extra, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "holds checkpoints of a run with a different config (changed: deepspeed)" in proc.stderr
     assert len((run_root / "student" / "metrics.jsonl").read_text().splitlines()) == lines
-    # (and a capped transfer set: 16 of the 68 training rows, the same 16 whatever the order, pipeline/data/split.py)
+    # — here with the paths no other test runs: ZeRO-1, gradient accumulation over 2 micro-batches, gradient
+    # checkpointing, and a capped transfer set (16 of the 68 training rows, the same 16 whatever the order)
     proc = run_job("train.py", "debug=tiny", f"paths.run_root={run_root}", f"train.method={method}",
-                   f"deepspeed={other}", "train.epochs=6", *extra, "train.overwrite=true", "train.max_steps=2",
-                   "train.max_rows=16")
-    assert sorted(_steps(run_root)) == [1, 2]
+                   "deepspeed=zero1", "train.epochs=6", *extra, "train.overwrite=true", "train.max_steps=2",
+                   "train.max_rows=16", "train.gradient_accumulation_steps=2", "train.gradient_checkpointing=true")
+    assert sorted(_steps(run_root)) == [1, 2]  # optimizer steps, each over 2 micro-batches per worker
     assert "train: 2 steps on 16 labeled rows" in proc.stdout
-    assert json.loads((run_root / "student" / "lineage.json").read_text())["train"]["max_rows"] == 16
+    lineage = json.loads((run_root / "student" / "lineage.json").read_text())
+    assert (lineage["train"]["max_rows"], lineage["train"]["gradient_accumulation_steps"]) == (16, 2)
+    assert lineage["train"]["gradient_checkpointing"] is True and lineage["deepspeed"]["zero_optimization"]["stage"] == 1
 
 
 def test_labels_from_another_tokenizer_are_refused(labeled, tmp_path):
