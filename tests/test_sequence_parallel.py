@@ -55,7 +55,10 @@ def _rank(rank: int, port: int, model_dir: str, out: str) -> None:
     import deepspeed
     import torch.distributed as dist
 
+    from pipeline.train.worker import skip_shm_comm_build
+
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    skip_shm_comm_build()
     deepspeed.init_distributed(dist_backend="gloo")
     model = _load(model_dir)
     sp.register(model, 2, B)

@@ -101,6 +101,17 @@ def build_student(spec: WorkerSpec):
     return model
 
 
+def skip_shm_comm_build() -> None:
+    """DeepSpeed's CPU backend compiles a shared-memory all-reduce (`deepspeed_shm_comm`) at its first start in every
+    environment: a C++ build of a minute or more on two cores, under a file lock that a killed build leaves behind
+    (every later start then waits on it). Only DeepSpeed's inference all-reduce uses it; training reduces through
+    the process group (gloo). So it is marked unavailable and never built (DeepSpeed 0.19: `build_shm_op` skips an
+    op its `__compatible_ops__` marks false)."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def train_loop(config: dict[str, Any]) -> None:
     spec = WorkerSpec(**config)
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if spec.use_gpu else "cpu")
@@ -114,6 +125,8 @@ def train_loop(config: dict[str, Any]) -> None:
     from pipeline.data.batches import collate
     from pipeline.train import sequence_parallel as sp
 
+    if not spec.use_gpu:
+        skip_shm_comm_build()
     torch.manual_seed(spec.seed)
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
