@@ -7,8 +7,6 @@ PIP_EXTRA ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ray-distill-installed
 DEMO_ROOT ?= $(or $(RAY_DISTILL_ROOT),/tmp/ray-distill)/demo
-# pytest-xdist workers: test modules run side by side (each engine test leaves a core idle a third of the time)
-TEST_WORKERS ?= 2
 
 .PHONY: setup demo test test-fast bench clean
 
@@ -27,7 +25,7 @@ demo: setup
 	$(BIN)/python ray_jobs/run.py experiment=demo paths.run_root=$(DEMO_ROOT)
 
 test: setup
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25 tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 # the unit tests only (no stage entrypoint, engine or Ray cluster): about a minute
 test-fast: setup

@@ -42,12 +42,6 @@ def run_job(script: str, *overrides: str, timeout: int = 900, check: bool = True
     return proc
 
 
-# The modules that start engines, longest first: `make test` runs modules on two pytest-xdist workers
-# (--dist loadfile --no-loadscope-reorder), which take them in this order, so the long ones never start last.
-HEAVY_FIRST = ["test_chain", "test_train_stage", "test_label_stage", "test_serve", "test_ray_job_submit",
-               "test_quantize", "test_plan", "test_cluster_manifests", "test_config"]
-
-
 # A test is `slow` (left out by `make test-fast`) when it runs a stage entrypoint, an engine or a Ray cluster: every
 # test of these modules, and any test that uses one of these fixtures.
 SLOW_MODULES = {"test_chain", "test_train_stage", "test_label_stage", "test_ray_job_submit"}
@@ -55,8 +49,6 @@ SLOW_FIXTURES = {"server", "client", "run_root", "hub_models"}
 
 
 def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
-    items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)))
     for item in items:
         if item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES or SLOW_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.slow)

@@ -6,7 +6,6 @@ checked for completeness, the quarantine, and alignment with an independent tran
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -188,59 +187,20 @@ def test_a_teacher_pool_the_local_ray_cannot_hold_is_refused(tmp_path):
     # the reference run asks for a GPU per teacher actor on this machine without one
 
 
-def _session_processes(sid: int) -> list[str]:
-    import psutil
-
-    out = []
-    for p in psutil.process_iter(["cmdline", "name"]):
-        try:
-            if os.getsid(p.pid) == sid:
-                out.append(" ".join(p.info["cmdline"] or [p.info["name"]])[:120])
-        except (ProcessLookupError, PermissionError):
-            pass
-    return out
-
-
-def _start_and_wait_for_new_shards(cmd: list[str], labels: Path) -> subprocess.Popen:
-    """Start the label entrypoint in its own session (as a terminal's foreground job) and return once it has written a
-    shard this run."""
-    before = set(labels.glob("part-*.parquet")) if labels.exists() else set()
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 600
-    while not (set(labels.glob("part-*.parquet")) - before if labels.exists() else set()) and proc.poll() is None:
-        assert time.time() < deadline, "no shards within 10 minutes"
-        time.sleep(0.1)
-    assert proc.poll() is None, "the run finished before it could be interrupted; give it more rows"
-    return proc
-
-
-def test_interrupted_and_killed_runs_resume_to_exactly_once(tmp_path):
-    """Ctrl-C as a terminal sends it (SIGINT to the whole process group, the embedded Ray's processes included) once
-    shards appear: the run stops within 30 s and leaves no process behind. The next run resumes and is SIGKILLed
-    whole (driver, Ray, vLLM) once it has written shards of its own; the third finishes the rest, every row once."""
+def test_killed_run_resumes_to_exactly_once(tmp_path):
+    """SIGKILL the whole job (driver, Ray, vLLM) once shards appear; the re-run finishes the rest."""
     import psutil
 
     paths, good, total = write_corpus(tmp_path / "corpus", 400, with_response=False, seed=3)
     cmd = [sys.executable, str(REPO / "ray_jobs" / "label.py"), "debug=tiny", f"paths.run_root={tmp_path}",
            "data.build=null", f"data.paths=[{','.join(map(str, paths))}]", "label.batch_size=4",
            "label.prepare_batch_size=8", "label.max_response_tokens=48"]
-    labels = tmp_path / "labels"
-
-    proc = _start_and_wait_for_new_shards(cmd, labels)
-    started = time.monotonic()
-    os.killpg(proc.pid, signal.SIGINT)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise AssertionError("the label run did not stop within 30 s of Ctrl-C") from None
-    while left := _session_processes(proc.pid):
-        assert time.monotonic() - started < 30, f"left behind after Ctrl-C: {left}"
-        time.sleep(0.5)
-    interrupted = read_dir(labels).num_rows
-    assert 0 < interrupted < len(good)
-
-    proc = _start_and_wait_for_new_shards(cmd, labels)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not list((tmp_path / "labels").glob("part-*.parquet")) and proc.poll() is None:
+        assert time.time() < deadline, "no shards within 10 minutes"
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run finished before it could be interrupted; give it more rows"
     victims = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
     for p in victims:
         try:
@@ -248,8 +208,8 @@ def test_interrupted_and_killed_runs_resume_to_exactly_once(tmp_path):
         except psutil.NoSuchProcess:
             pass
     proc.wait()
-    partial = read_dir(labels).num_rows
-    assert interrupted < partial < len(good)
+    partial = read_dir(tmp_path / "labels").num_rows
+    assert 0 < partial < len(good)
 
     done = label(tmp_path, paths, "label.batch_size=16", "label.max_response_tokens=48")
     assert "finished by an earlier run" in done.stdout

@@ -259,7 +259,8 @@ def test_entrypoint_serves_the_newest_student_and_prints_the_url(server):
         "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2, "upscale_delay_s": 1,
         "downscale_delay_s": 4, "metrics_interval_s": 0.5, "look_back_period_s": 2}
     assert llm["engine_kwargs"]["kv_cache_memory_bytes"] == 256 << 20 and llm["engine_kwargs"]["enforce_eager"] is True
-    assert llm["runtime_env"]["env_vars"] == {"OMP_NUM_THREADS": threads, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    assert llm["runtime_env"]["env_vars"] == {"OMP_NUM_THREADS": threads, "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+                                               **stage.cluster.env_vars}  # the engine's, then cluster.env_vars
 
 
 def test_models_and_health(server, client):
