@@ -1,9 +1,10 @@
 """Ray Data UDFs of the evaluate stage.
 
-`TimedGenerator` is the generation path's vLLM actor (the label stage's) (same engine settings, token ids in, top-k out) run greedily,
-timing its engine calls and, on its first batch, a few requests one at a time after one untimed warm-up
-request (latency per request as a user of a served model sees it). `Scorer` runs an HF model teacher-forced over the teacher's responses and
-returns the metric sums of `pipeline.metrics`.
+`TimedGenerator` is the generation path's vLLM actor (`pipeline.generation.engine.VLLMGenerator`, the one the label
+stage runs: same engine settings, token ids in, top-k out) run greedily, timing its engine calls and, on its first
+batch, a few requests one at a time after one untimed warm-up request (latency per request as a user of a served
+model sees it). `Scorer` runs an HF model teacher-forced over the teacher's responses and returns the metric sums
+of `pipeline.metrics`.
 """
 from __future__ import annotations
 
