@@ -84,6 +84,27 @@ def unwrap(error: BaseException) -> BaseException:
 
 
 @contextlib.contextmanager
+def entrypoint(cfg, name: str):
+    """The boundary of every `ray_jobs/` entrypoint: its output routed (pipeline/console.py: the stage's own lines,
+    progress and errors to the terminal, everything to `<run_root>/logs/<name>.log`), and a DistillError printed as
+    its one sentence (exit 2) instead of a traceback."""
+    from pathlib import Path
+
+    from pipeline import console
+
+    try:
+        log = Path(str(cfg.paths.run_root)) / "logs" / f"{name}.log"
+    except Exception:  # noqa: BLE001 - a config that does not resolve is reported by the stage, as one sentence
+        log = None
+    if log is not None:
+        console.route(log)
+        if console.log_path():
+            print(f"{name}: Ray's, vLLM's and every worker's output in {log}", flush=True)
+    with user_errors():
+        yield
+
+
+@contextlib.contextmanager
 def user_errors():
     """Print a DistillError as its one sentence and exit 2, instead of a traceback from a worker."""
     try:

@@ -15,9 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `pipeline` from 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from pipeline.quantize.stage import run
-    from pipeline.runtime import user_errors
+    from pipeline.runtime import entrypoint
 
-    with user_errors():
+    with entrypoint(cfg, "quantize"):
         run(cfg)
 
 

@@ -15,10 +15,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `pipeline` from 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from pipeline.runtime import user_errors
+    from pipeline.runtime import entrypoint
     from pipeline.serve.stage import run
 
-    with user_errors():
+    with entrypoint(cfg, "serve"):
         run(cfg)
 
 

@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 
 from pipeline.config import EvaluateStage, ModelConfig, evaluate_stage
 from pipeline.data.schema import write_json_atomic, write_table_atomic
+from pipeline.console import progress, show
 from pipeline.models.load import count_parameters, cpu_runs_gptq
 
 log = logging.getLogger("ray_distill.evaluate")
@@ -242,7 +243,8 @@ def run(cfg: Any) -> dict[str, Any]:
     results: dict[str, dict[str, Any]] = {}
     reference, reference_key = None, None
     cache = Path(stage.paths.run_root) / "cache" / "evaluate"
-    for role, model in models.items():
+    bar = progress(desc="evaluate: models", unit="model", total=len(models))
+    for role, model in _ticking(models.items(), bar):
         path = model.name_or_path + (f"@{model.revision[:12]}" if model.revision else "")
         kind = "reference" if reference is None else "scored"
         key = cache_key(kind, model, stage, heldout, reference_key)
@@ -282,6 +284,7 @@ def run(cfg: Any) -> dict[str, Any]:
                       evaluated_at=time.strftime("%Y-%m-%d %H:%M:%S"))
         _store(cache, key, result, reference if kind == "reference" else None)
         results[role] = dict(result, reused=False)
+    bar.close()
     goals = check_goals(results, stage.evaluate.goals)
     summary = {"models": results, "goals": goals, "heldout": str(heldout), "rows": len(answers)}
     write_json_atomic(out / "metrics.json", summary, sort_keys=False)  # the chain's mark that evaluate finished
@@ -289,5 +292,12 @@ def run(cfg: Any) -> dict[str, Any]:
     if loss_png.exists():
         shutil.copy(loss_png, out / "train_loss.png")
     report = write_report(summary, out)
-    print(report.read_text(), flush=True)
+    show(report.read_text())
     return summary
+
+
+def _ticking(items, bar):
+    """`items`, advancing the progress display each time one has been dealt with."""
+    for item in items:
+        yield item
+        bar.update(1)

@@ -67,6 +67,29 @@ def corpus_identity(paths: list[str], head_bytes: int = 1 << 16) -> str:
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
 
 
+def count_rows(paths: list[str]) -> int | None:
+    """How many rows the corpus holds, as this reader counts them (non-blank jsonl lines, Parquet rows), for a
+    progress display's total; None when a file is remote or missing (counting it would mean reading it twice)."""
+    import glob
+
+    import pyarrow.parquet as pq
+
+    total = 0
+    for pattern in paths:
+        if "://" in pattern:
+            return None
+        files = sorted(glob.glob(str(Path(pattern).expanduser()))) if "*" in pattern else [pattern]
+        for path in files:
+            if not Path(path).is_file():
+                return None
+            if path.endswith(".parquet"):
+                total += pq.read_metadata(path).num_rows
+            else:
+                with open(path, "rb") as f:
+                    total += sum(1 for line in f if line.strip())
+    return total
+
+
 def _table(path: str, block: list[tuple[int, bytes]]) -> pa.Table:
     lines, raws = zip(*block)
     return pa.table({"source": [path] * len(block), "line": list(lines), "raw": list(raws)}, schema=RAW_SCHEMA)

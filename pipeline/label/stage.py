@@ -21,7 +21,7 @@ from pipeline.config import LabelStage, label_stage
 from pipeline.data.schema import MAX_VOCAB, Manifest, manifest_path, read_manifest, write_manifest
 from pipeline.errors import ConfigError, LabelsError
 from pipeline.generation.prepare import PrepareSpec
-from pipeline.generation.reader import corpus_identity
+from pipeline.generation.reader import corpus_identity, count_rows
 from pipeline.generation.engine import EngineSpec
 from pipeline.models.load import ensure_model, load_tokenizer_checked, model_fingerprint, pin_revision, \
     tokenizer_fingerprint
@@ -114,7 +114,7 @@ def run(cfg: Any) -> dict[str, Any]:
     ledger = Ledger.remote(stage.paths.labels_dir, stage.paths.rejected_dir)
     resumed = ray.get(ledger.resumed_rows.remote())
     ds = build_dataset(stage, prepare_spec(stage), teacher_spec(stage), ledger)
-    summary = _consume(ds, resumed)
+    summary = _consume(ds, resumed, count_rows(stage.data.paths))
     summary.update(_totals(stage))
     if summary["rows_read"] == 0:  # e.g. every engine failed to start and Ray Data gave up without an error
         raise LabelsError(f"No row of {', '.join(stage.data.paths)} was labeled or rejected: the corpus is empty "
@@ -141,15 +141,16 @@ def teacher_spec(stage: LabelStage) -> EngineSpec:
     )
 
 
-def _consume(ds, resumed: int) -> dict[str, Any]:
+def _consume(ds, resumed: int, corpus_rows: int | None) -> dict[str, Any]:
     """Drive the dataset to the end, with a progress bar; tokens/s both overall and in steady state
     (first write to last, which leaves out engine start-up — what a long run converges to)."""
-    from tqdm import tqdm
+    from pipeline.console import progress
 
     totals = {"labeled": 0, "rejected": 0, "tokens": 0, "bytes": 0}
     writes: list[tuple[float, int]] = []
     start = time.perf_counter()
-    with tqdm(desc="labeled rows", unit="row", dynamic_ncols=True) as bar:
+    total = corpus_rows - resumed if corpus_rows is not None else None
+    with progress(desc="label: rows", unit="row", total=total) as bar:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             stats = {k: batch.column(k).to_pylist() for k in batch.column_names}
             for key in totals:

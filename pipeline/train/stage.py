@@ -6,11 +6,13 @@ config resumes from the newest checkpoint in `paths.train_storage`.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import shutil
+import threading
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -205,7 +207,8 @@ def run(cfg: Any) -> dict[str, Any]:
                              failure_config=FailureConfig(max_failures=t.max_failures)),
         datasets={"train": dataset},
     )
-    result = trainer.fit()
+    with _steps_progress(Path(stage.paths.student_dir) / "metrics.jsonl", total_steps):
+        result = trainer.fit()
     curves = plot_losses(Path(stage.paths.student_dir))
     summary = {"steps": total_steps, "rows": rows, "metrics": result.metrics, "student_dir": stage.paths.student_dir,
                "loss_plot": str(curves) if curves else None}
@@ -238,3 +241,43 @@ def plot_losses(student_dir: Path) -> Path | None:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+@contextlib.contextmanager
+def _steps_progress(metrics: Path, total: int):
+    """A live display of the optimizer steps the workers have taken, read from the metrics log that rank 0 appends
+    a line to at each step (on a cluster, in shared storage the driver sees too)."""
+    from pipeline.console import progress
+
+    bar = progress(desc="train: steps", unit="step", total=total)
+    stop = threading.Event()
+    offset = metrics.stat().st_size if metrics.exists() else 0  # a resumed run's earlier steps are not this run's
+
+    def follow():
+        nonlocal offset
+        pending = b""
+        while not stop.wait(1.0):
+            if not metrics.exists():
+                continue
+            with metrics.open("rb") as f:
+                f.seek(offset)
+                chunk = f.read()
+            offset += len(chunk)
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                with contextlib.suppress(ValueError, KeyError):
+                    record = json.loads(line)
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
+                    if record["step"] > bar.n:
+                        bar.update(record["step"] - bar.n)  # drawn at most every mininterval
+                    else:
+                        bar.n = record["step"]  # a replaced worker group resumes at its checkpoint's step
+
+    thread = threading.Thread(target=follow, daemon=True, name="train-progress")
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        bar.close()

@@ -205,7 +205,7 @@ def train_loop(config: dict[str, Any]) -> None:
             elif step % spec.report_every == 0:  # each report syncs the workers and waits for a poll: not every step
                 ray.train.report(metrics)
             if rank == 0 and (step % spec.report_every == 0 or last):
-                print(f"train: step {step}/{spec.total_steps} loss {metrics['loss']:.4f} kd {metrics['kd']:.4f} "
+                print(f"step {step}/{spec.total_steps} loss {metrics['loss']:.4f} kd {metrics['kd']:.4f} "
                       f"{metrics['tokens_per_s']:.0f} tokens/s", flush=True)
             if last:
                 break
