@@ -45,7 +45,7 @@ def run_job(script: str, *overrides: str, timeout: int = 900, check: bool = True
 # A test is `slow` (left out by `make test-fast`) when it runs a stage entrypoint, an engine or a Ray cluster: every
 # test of these modules, and any test that uses one of these fixtures.
 SLOW_MODULES = {"test_chain", "test_train_stage", "test_label_stage", "test_ray_job_submit"}
-SLOW_FIXTURES = {"server", "client", "run_root", "hub_models"}
+SLOW_FIXTURES = {"server", "client", "run_root", "hub_models", "ray_head", "submitted_label_run", "chain"}
 
 
 def pytest_collection_modifyitems(items):
@@ -88,3 +88,47 @@ def hub_models(tiny_models, tmp_path_factory) -> dict:
                  for key, value in (("name_or_path", f"ray-distill/tiny-{role}"), ("revision", "v1"),
                                     ("build", "null"))]
     return {"cache": cache, "env": offline_env(cache), "commits": commits, "overrides": overrides}
+
+
+@pytest.fixture(scope="session")
+def ray_head(hub_models):
+    """A real 2-CPU Ray head (`ray start --head`, tests/ray_head.py) whose processes see the offline hub cache."""
+    from ray_head import start_head, stop_head
+
+    head = start_head(hub_models["env"], free_port)
+    yield head
+    stop_head(head[3])
+
+
+@pytest.fixture(scope="session")
+def submitted_label_run(ray_head, hub_models, tmp_path_factory) -> dict:
+    """The label stage in generate mode, submitted as a Ray job to the real head (`ray job submit --working-dir .`)
+    over a corpus salted with every kind of bad row, its teacher named by hub id and tag: the label stage's generate
+    run for tests/test_label_stage.py and the cluster path's label job for tests/test_ray_job_submit.py."""
+    from labels_check import write_corpus
+    from ray_head import submit
+
+    root = tmp_path_factory.mktemp("label-generate")
+    paths, good, total = write_corpus(root / "corpus", 16, with_response=False)
+    proc = submit(ray_head, "ray_jobs/label.py", "debug=tiny", f"paths.run_root={root}", "data.build=null",
+                  f"data.paths=[{','.join(str(p) for p in paths)}]", "label.mode=generate", *hub_models["overrides"])
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    commit = hub_models["commits"]["teacher"]
+    teacher = hub_models["cache"] / "models--ray-distill--tiny-teacher" / "snapshots" / commit
+    return {"mode": "generate", "root": root, "paths": paths, "good": good, "total": total, "proc": proc,
+            "teacher": teacher}
+
+
+ALL_LINEAR = "train.lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
+
+
+@pytest.fixture(scope="session")
+def chain(tmp_path_factory, hub_models):
+    """One tiny chain run (ray_jobs/run.py: SFT teacher → label → train → quantize → evaluate) on the hub models,
+    both trainings under ZeRO-3 (the teacher's SFT: full fine-tuning; the student's KD: LoRA), whose run root the chain's tests (tests/test_chain.py) and the serve tests (its quantized student) use.
+    Returns (run root, the overrides it ran with, the finished process, hub_models)."""
+    root = tmp_path_factory.mktemp("chain")
+    args = ["debug=tiny", f"paths.run_root={root}", *hub_models["overrides"], "run.teacher_sft.enabled=true",
+            "train.lr=1e-2", "train.epochs=6", ALL_LINEAR, "deepspeed=zero3",
+            f"evaluate.baseline_path={root}/teacher_sft/student/model"]
+    return root, args, run_job("run.py", *args, env=hub_models["env"]), hub_models

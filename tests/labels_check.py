@@ -1,4 +1,4 @@
-"""Reading label shards back for assertions, an independent transformers reference to align against, and label sets
+"""Corpora salted with every kind of bad row, reading label shards back for assertions, an independent transformers reference to align against, and label sets
 written without an engine (a transformers forward pass of the tiny teacher, in the label contract's codec) for the
 tests of the stages downstream of labeling."""
 from __future__ import annotations
@@ -10,9 +10,47 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.data.corpus import make_rows
 from pipeline.data.schema import LOGPROB_STEP, decode_topk, validate_labels_table
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+BAD_LINES = {
+    "malformed JSON": b'{"id": "bad-json", "messages": [',
+    "missing 'id'": json.dumps({"messages": [{"role": "user", "content": "no id"}]}).encode(),
+    "'prompt' must be a string": json.dumps({"id": "wrong-type", "prompt": 42}).encode(),
+    "empty prompt": json.dumps({"id": "empty", "prompt": "   "}).encode(),
+    "more than label.max_prompt_tokens": json.dumps({"id": "too-long", "prompt": "what is 12 + 34? " * 200}).encode(),
+    "not valid UTF-8": b'{"id": "bad-utf8", "prompt": "caf\xe9"}',
+    "repeats an earlier row": None,  # filled in below: a second row with the first row's id
+}
+
+
+def write_corpus(folder: Path, n_good: int, with_response: bool, seed: int = 0) -> tuple[list[Path], set[str], int]:
+    """A jsonl (good rows + every bad kind) and a Parquet file; returns paths, good ids, rows in total."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = make_rows(n_good, seed=seed, with_response=with_response)
+    lines = [json.dumps(r).encode() for r in rows]
+    dup = dict(rows[0], messages=[{"role": "user", "content": "same id, other text"}])
+    for reason, line in BAD_LINES.items():
+        line = line if line is not None else json.dumps(dup).encode()
+        if with_response and line.startswith(b"{") and b"response" not in line and reason != "malformed JSON":
+            try:  # give score-mode rows a response, so each fails for its own reason
+                line = json.dumps({**json.loads(line), "response": "ok"}).encode()
+            except UnicodeDecodeError:
+                pass
+        lines.insert(len(lines) // 2, line)
+    jsonl = folder / "corpus.jsonl"
+    jsonl.write_bytes(b"\n".join(lines) + b"\n\n")  # trailing blank lines are not rows
+    extra = make_rows(4, seed=seed + 1, with_response=with_response)
+    if with_response:  # the chat form of a scored row: the response is the last assistant message
+        last = extra.pop()
+        extra.append({"id": last["id"], "messages": last["messages"] + [{"role": "assistant", "content": last["response"]}]})
+    for r in extra:
+        r["messages"] = json.dumps(r["messages"])  # Parquet corpora may store messages as JSON text…
+    parquet = folder / "corpus.parquet"
+    pq.write_table(pa.Table.from_pylist([dict(r, messages=json.loads(r["messages"])) for r in extra]), parquet)
+    good = {r["id"] for r in rows} | {r["id"] for r in extra}
+    return [jsonl, parquet], good, len(lines) + len(extra)
 
 
 def read_dir(folder: Path) -> pa.Table | None:

@@ -1,0 +1,86 @@
+"""A real Ray cluster head on 127.0.0.1 (`ray start --head`) for the tests that submit stages as Ray jobs, as a user
+submits them to a cluster: started once per session (conftest's `ray_head`), stopped without touching any other Ray
+on the machine."""
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def start_head(extra_env: dict[str, str], free_port) -> tuple[str, str, dict[str, str], Path]:
+    """Start a 2-CPU head; returns (the `ray` CLI, the dashboard address jobs are submitted to, the environment the
+    CLI and every process of the head run with, the head's temp dir)."""
+    # Ray's socket paths must stay under 107 bytes, so its temp dir cannot live under pytest's tmp_path
+    temp_dir = Path(tempfile.mkdtemp(prefix="rd-ray-"))
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    gcs, dash, agent = free_port(), free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # Ray 2.60 turns token auth on for new local clusters; say so explicitly so the CLI sends the token
+    env["RAY_AUTH_MODE"] = "token"
+    env["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(free_port())  # 9101 by default: another test's Serve may hold it
+    env.update(extra_env)  # e.g. every Ray process of the head (the job's driver too) sees an offline HF cache
+    # the job driver runs `python` from PATH: make it this interpreter (the one with the project installed)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
+                    # the job agent's HTTP port defaults to 52365 on every Ray: another Ray on this machine (a test
+                    # running beside this one) may hold it, and the head then answers "No available agent" forever
+                    f"--dashboard-agent-listen-port={agent}",
+                    f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+                   check=True, capture_output=True, env=env, timeout=180)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        wait_for_job_agent(ray_bin, address, env)
+    except BaseException:
+        stop_head(temp_dir)
+        raise
+    return ray_bin, address, env, temp_dir
+
+
+def wait_for_job_agent(ray_bin: str, address: str, env: dict, timeout_s: float = 180) -> None:
+    """`ray start` returns before the head's dashboard agent takes jobs; on a loaded machine a submission then
+    fails with "No available agent to submit job". Submit an empty job until one is taken, as a user would retry."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        proc = subprocess.run([ray_bin, "job", "submit", f"--address={address}", "--", "true"], env=env,
+                              capture_output=True, text=True, timeout=120)
+        if proc.returncode == 0:
+            return
+        assert "No available agent" in proc.stdout + proc.stderr and time.monotonic() < deadline, \
+            proc.stdout[-2000:] + proc.stderr[-2000:]
+        time.sleep(2)
+
+
+def stop_head(temp_dir: Path) -> None:
+    """Stop this head's processes only (`ray stop` would stop every Ray cluster on the machine): those whose
+    command line names its temp dir, and everything they started."""
+    import shutil
+
+    import psutil
+
+    roots = [p for p in psutil.process_iter(["cmdline"]) if any(str(temp_dir) in a for a in p.info["cmdline"] or ())]
+    procs = set(roots)
+    for root in roots:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            procs.update(root.children(recursive=True))
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=5)  # a test cluster: what has not stopped by then is killed
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def submit(ray_head, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """`ray job submit --working-dir . -- python <args>` from the repo root, as a user submits a stage."""
+    ray_bin, address, env, _ = ray_head
+    return subprocess.run([ray_bin, "job", "submit", f"--address={address}", "--working-dir", ".", "--", "python",
+                           *args], cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+                          timeout=timeout)
