@@ -9,6 +9,9 @@ import contextlib
 import logging
 import os
 import sys
+import threading
+import time
+from typing import Any
 
 from pipeline.config import ClusterConfig
 from pipeline.errors import ConfigError, DistillError
@@ -86,8 +89,14 @@ def unwrap(error: BaseException) -> BaseException:
 @contextlib.contextmanager
 def entrypoint(cfg, name: str):
     """The boundary of every `ray_jobs/` entrypoint: its output routed (pipeline/console.py: the stage's own lines,
-    progress and errors to the terminal, everything to `<run_root>/logs/<name>.log`), and a DistillError printed as
-    its one sentence (exit 2) instead of a traceback."""
+    progress and errors to the terminal, everything to `<run_root>/logs/<name>.log`), a DistillError printed as its
+    one sentence (exit 2) instead of a traceback, and Ctrl-C or SIGTERM (`ray job stop`) turned into a clean stop.
+
+    A terminal sends Ctrl-C to its whole foreground process group, the embedded Ray's workers and engines included,
+    so the error the driver sees first may be a worker's death rather than its own KeyboardInterrupt: once a signal
+    has arrived, whatever ends the run is treated as the interruption. Ray is then shut down (with a time limit) and
+    whatever this process started is killed, so nothing of the run is left behind; exit code 130."""
+    import signal
     from pathlib import Path
 
     from pipeline import console
@@ -100,8 +109,29 @@ def entrypoint(cfg, name: str):
         console.route(log)
         if console.log_path():
             print(f"{name}: Ray's, vLLM's and every worker's output in {log}", flush=True)
-    with user_errors():
-        yield
+    received: list[int] = []
+
+    def interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
+        received.append(signum)
+        if len(received) == 1:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        with user_errors():
+            yield
+    except BaseException as e:
+        if not received or isinstance(e, SystemExit) and e.code == 0:
+            raise
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C does not cut the shutdown short
+        print(f"{name}: interrupted ({signal.Signals(received[0]).name}); stopping Ray and everything this run "
+              "started", file=sys.stderr, flush=True)
+        within(shutdown_ray, 15)
+        kill_children()
+        print(f"{name}: stopped; the same command continues from what this run finished", file=sys.stderr,
+              flush=True)
+        sys.exit(130)
 
 
 @contextlib.contextmanager
@@ -136,3 +166,34 @@ def interrupt_and_wait(proc, timeout: float = 90, group: bool = False) -> int:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     return proc.returncode
+
+
+def within(call, timeout_s: float, interrupted: threading.Event | None = None):
+    """`call()` in a daemon thread: its result, or None if it raised, took longer than `timeout_s` or
+    `interrupted` was set meanwhile (the thread is left to die with the process)."""
+    box: dict[str, Any] = {}
+    worker = threading.Thread(target=lambda: box.update(result=call()), daemon=True)
+    worker.start()
+    deadline = time.monotonic() + timeout_s
+    while worker.is_alive() and time.monotonic() < deadline and not (interrupted and interrupted.is_set()):
+        worker.join(0.1)
+    return box.get("result")
+
+
+def shutdown_ray() -> None:
+    import ray
+
+    ray.shutdown()
+
+
+def kill_children() -> None:
+    """Kill what is left under this process (an embedded Ray's workers, HAProxy, an engine core)."""
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(children, timeout=5)

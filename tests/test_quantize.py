@@ -18,6 +18,7 @@ import pytest
 
 from conftest import CONF, run_job
 from labels_check import write_labels
+from ray_head import submit
 
 STUDENT_INIT = "teacher.build.initializer_range=0.1"
 
@@ -60,9 +61,12 @@ def _lora_student(base: Path, out: Path, scale: float = 1.0) -> None:
     (out / "lineage.json").write_text(json.dumps({"student_base": str(base)}))
 
 
-def test_gptq_w4_quantizes_and_loads_in_transformers(run_root):
-    # the shipped default (gptq_w4, group size 128), only calibration sized down by debug=tiny
-    proc = run_job("quantize.py", "debug=tiny", f"paths.run_root={run_root}", "quantize.group_size=128")
+def test_gptq_w4_quantizes_and_loads_in_transformers(run_root, ray_head):
+    # the shipped default (gptq_w4, group size 128), only calibration sized down by debug=tiny; submitted as a Ray
+    # job to a real head (conftest's `ray_head`), as on a cluster
+    proc = submit(ray_head, "ray_jobs/quantize.py", "debug=tiny", f"paths.run_root={run_root}",
+                  "quantize.group_size=128")
+    assert proc.returncode == 0 and "succeeded" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "calibrating on" in proc.stdout + proc.stderr  # progress is visible while it works
     out = run_root / "quantized"
     manifest = json.loads((out / "manifest.json").read_text())

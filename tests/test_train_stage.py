@@ -16,6 +16,7 @@ import pytest
 
 from conftest import run_job
 from labels_check import write_labels
+from ray_head import submit
 
 
 @pytest.fixture(scope="module")
@@ -172,11 +173,14 @@ def test_a_killed_worker_group_is_replaced_and_resumes_from_the_checkpoint(kille
     assert (run_root / "student" / "loss.png").stat().st_size > 0
 
 
-def test_a_finished_run_resumes_and_a_changed_one_is_refused_or_starts_over(killed_run):
+def test_a_finished_run_resumes_and_a_changed_one_is_refused_or_starts_over(killed_run, ray_head):
     run_root = killed_run[0]
-    # the same command again resumes from the final checkpoint instead of training from scratch
+    # the same command again, submitted as a Ray job to a real head (conftest's `ray_head`), resumes from the final
+    # checkpoint instead of training from scratch
     lines = len((run_root / "student" / "metrics.jsonl").read_text().splitlines())
-    run_job("train.py", *RUN, f"paths.run_root={run_root}")
+    proc = submit(ray_head, "ray_jobs/train.py", *RUN, f"paths.run_root={run_root}")
+    assert proc.returncode == 0 and "succeeded" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "train: resuming from the checkpoint of step 54" in proc.stdout, proc.stdout[-4000:]
     assert len((run_root / "student" / "metrics.jsonl").read_text().splitlines()) == lines
 
     # another ZeRO stage on those checkpoints is refused before any work, naming what changed (DeepSpeed would

@@ -14,6 +14,7 @@ from typing import Any
 
 from pipeline.errors import DistillError
 from pipeline.models.load import cpu_runs_gptq
+from pipeline.runtime import kill_children, shutdown_ray, within
 from pipeline.serve.app import build_app, llm_config, write_serve_config
 from pipeline.serve.config import engine_executor, serve_stage
 from pipeline.serve.model import is_quantized, resolve_model
@@ -196,7 +197,7 @@ def watch(app: str, period_s: float = 2.0, stop_within_s: float = 20.0) -> None:
     last = replica_counts(app)
     print(f"serve: replicas {_fmt(last)}; Ctrl-C stops serving", flush=True)
     while not stop.wait(period_s):
-        now = _within(lambda: replica_counts(app), period_s * 5, stop)
+        now = within(lambda: replica_counts(app), period_s * 5, stop)
         if now is not None and now != last:
             print(f"serve: replicas {_fmt(last)} -> {_fmt(now)}", flush=True)
             last = now
@@ -208,41 +209,10 @@ def watch(app: str, period_s: float = 2.0, stop_within_s: float = 20.0) -> None:
         serve.shutdown()
         return True
 
-    if _within(take_down, stop_within_s * 0.6) is None:
+    if within(take_down, stop_within_s * 0.6) is None:
         print("serve: the application did not stop in time; stopping Ray", flush=True)
-    _within(_shutdown_ray, max(1.0, deadline - time.monotonic()))
-    _kill_children()
-
-
-def _within(call, timeout_s: float, interrupted: threading.Event | None = None):
-    """`call()` in a daemon thread: its result, or None if it raised, took longer than `timeout_s` or
-    `interrupted` was set meanwhile (the thread is left to die with the process)."""
-    box: dict[str, Any] = {}
-    worker = threading.Thread(target=lambda: box.update(result=call()), daemon=True)
-    worker.start()
-    deadline = time.monotonic() + timeout_s
-    while worker.is_alive() and time.monotonic() < deadline and not (interrupted and interrupted.is_set()):
-        worker.join(0.1)
-    return box.get("result")
-
-
-def _shutdown_ray() -> None:
-    import ray
-
-    ray.shutdown()
-
-
-def _kill_children() -> None:
-    """Kill what is left under this process (an embedded Ray's workers, HAProxy, an engine core)."""
-    import psutil
-
-    children = psutil.Process().children(recursive=True)
-    for child in children:
-        try:
-            child.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(children, timeout=5)
+    within(shutdown_ray, max(1.0, deadline - time.monotonic()))
+    kill_children()
 
 
 def _fmt(counts: dict[str, tuple[int, int]]) -> str:
