@@ -11,6 +11,7 @@ import os
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import ClusterConfig
@@ -25,24 +26,40 @@ def is_embedded(cluster: ClusterConfig) -> bool:
     return cluster.address == "local" or (cluster.address is None and not os.environ.get("RAY_ADDRESS"))
 
 
-def init_ray(cluster: ClusterConfig) -> None:
-    """Join the configured cluster (or RAY_ADDRESS), else start a local one; no-op when Ray is up."""
+@dataclass(frozen=True)
+class Ask:
+    """What a stage needs at once: `count` × `each` (resource → amount), named for the error by the `setting` that
+    sets `count`, the `noun` counted and the `fix` to suggest."""
+    setting: str
+    count: int
+    noun: str
+    each: dict[str, float]
+    fix: str
+
+
+def init_ray(cluster: ClusterConfig, *asks: Ask) -> None:
+    """Join the configured cluster (or RAY_ADDRESS), else start a local one (no-op when Ray is up); then each of
+    `asks` must fit (`require_resources`). An embedded Ray with `cluster.num_cpus` set is checked for CPUs before it
+    starts, so a run that cannot fit starts no Ray; its GPUs are known, and checked, once it runs."""
     import ray
 
-    if ray.is_initialized():
-        return
-    env_vars = {k: str(v) for k, v in cluster.env_vars.items()}
-    runtime_env: dict = {"env_vars": env_vars}
-    kwargs = {}
-    if is_embedded(cluster):
-        kwargs = dict(num_cpus=cluster.num_cpus, include_dashboard=False)
-        runtime_env["worker_process_setup_hook"] = quiet_state_api_pollers
-    ray.init(address=cluster.address, runtime_env=runtime_env, log_to_driver=True, **kwargs)
+    if not ray.is_initialized():
+        if is_embedded(cluster) and cluster.num_cpus is not None:
+            for ask in asks:
+                _check(cluster, ask, {"CPU": cluster.num_cpus}, only=("CPU",))
+        env_vars = {k: str(v) for k, v in cluster.env_vars.items()}
+        runtime_env: dict = {"env_vars": env_vars}
+        kwargs = {}
+        if is_embedded(cluster):
+            kwargs = dict(num_cpus=cluster.num_cpus, include_dashboard=False)
+            runtime_env["worker_process_setup_hook"] = quiet_state_api_pollers
+        ray.init(address=cluster.address, runtime_env=runtime_env, log_to_driver=True, **kwargs)
+    for ask in asks:
+        require_resources(cluster, ask)
 
 
-def require_resources(cluster: ClusterConfig, setting: str, count: int, noun: str, each: dict[str, float],
-                      fix: str) -> None:
-    """Stop with one sentence when the embedded local Ray cannot hold `count` × `each` (resource → amount) at once.
+def require_resources(cluster: ClusterConfig, ask: Ask) -> None:
+    """Stop with one sentence when the embedded local Ray cannot hold `ask` at once.
 
     Ray waits for resources it lacks without end (a Ray Train worker group, a Ray Data actor pool's minimum),
     and an embedded local Ray never grows. A cluster may (an autoscaler), so there the shortfall is logged.
@@ -50,16 +67,19 @@ def require_resources(cluster: ClusterConfig, setting: str, count: int, noun: st
     not caught here."""
     import ray
 
-    need = {k: count * v for k, v in each.items() if v}
-    total = ray.cluster_resources()
+    _check(cluster, ask, ray.cluster_resources())
+
+
+def _check(cluster: ClusterConfig, ask: Ask, total: dict[str, float], only: tuple[str, ...] | None = None) -> None:
+    need = {k: ask.count * v for k, v in ask.each.items() if v and (only is None or k in only)}
     have = {k: total.get(k, 0) for k in need}
     if all(need[k] <= have[k] + 1e-6 for k in need):  # 1e-6: float products such as 10 × 0.7
         return
-    many = count != 1
-    problem = (f"{setting}={count} {noun}{'s' if many else ''} of {_amounts(each)} need{'' if many else 's'} "
-               f"{_amounts(need)}, but the Ray cluster has {_amounts(have, keep_zero=True)}")
+    many = ask.count != 1
+    problem = (f"{ask.setting}={ask.count} {ask.noun}{'s' if many else ''} of {_amounts(ask.each)} "
+               f"need{'' if many else 's'} {_amounts(need)}, but the Ray cluster has {_amounts(have, keep_zero=True)}")
     if is_embedded(cluster):
-        raise ConfigError(f"{problem}; {fix}.")
+        raise ConfigError(f"{problem}; {ask.fix}.")
     log.warning("%s now; Ray waits until the cluster has grown to hold them.", problem)
 
 

@@ -125,10 +125,11 @@ ALL_LINEAR = "train.lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,u
 @pytest.fixture(scope="session")
 def chain(tmp_path_factory, hub_models):
     """One tiny chain run (ray_jobs/run.py: SFT teacher → label → train → quantize → evaluate) on the hub models,
-    both trainings under ZeRO-3 (the teacher's SFT: full fine-tuning; the student's KD: LoRA), whose run root the chain's tests (tests/test_chain.py) and the serve tests (its quantized student) use.
-    Returns (run root, the overrides it ran with, the finished process, hub_models)."""
+    both trainings under ZeRO-3 with optimizer states and parameters offloaded to CPU memory (the teacher's SFT:
+    full fine-tuning; the student's KD: LoRA). The chain's tests (tests/test_chain.py) and the serve tests (its
+    quantized student) use its run root. Returns (run root, its overrides, the finished process, hub_models)."""
     root = tmp_path_factory.mktemp("chain")
     args = ["debug=tiny", f"paths.run_root={root}", *hub_models["overrides"], "run.teacher_sft.enabled=true",
-            "train.lr=1e-2", "train.epochs=6", ALL_LINEAR, "deepspeed=zero3",
+            "train.lr=1e-2", "train.epochs=6", ALL_LINEAR, "deepspeed=zero3_offload",
             f"evaluate.baseline_path={root}/teacher_sft/student/model"]
     return root, args, run_job("run.py", *args, env=hub_models["env"]), hub_models

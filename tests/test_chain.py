@@ -1,10 +1,11 @@
 """ray_jobs/run.py on debug=tiny: SFT teacher → label → train → quantize → evaluate, then skip / re-run rules.
 
-One chain run (conftest's `chain`, which tests/test_serve.py serves from too) is shared by the tests below (in order): everything runs; the same command again skips every
-stage; a changed quantize setting re-runs quantize and evaluate but nothing upstream. The teacher is
+One chain run (conftest's `chain`, which tests/test_serve.py serves from too) is shared by the tests below (in
+order): everything runs; the same command again skips every stage; a changed quantize setting re-runs quantize and
+evaluate but nothing upstream; Ctrl-C stops a run cleanly. The teacher is
 first trained on the corpus (SFT), so it has structure a student can learn: the KD student's top-1
-agreement with it on held-out labeled rows must rise (2 workers, LoRA on every linear layer, ZeRO-3; the SFT
-teacher: full fine-tuning, ZeRO-3).
+agreement with it on held-out labeled rows must rise (2 workers, LoRA on every linear layer; the SFT teacher: full
+fine-tuning; both under ZeRO-3 with CPU offload, conf/deepspeed/zero3_offload.yaml).
 The first run also evaluates the teacher's own weights as the "baseline": a model identical to the teacher
 must agree with it on (nearly) every token with (nearly) zero KL through the whole vLLM + HF scoring path.
 
@@ -59,11 +60,12 @@ def test_the_chain_runs_every_stage_and_reports(chain):
     assert evals[0]["step"] == 0 and evals[-1]["step"] > 0
     assert evals[-1]["top1_agreement"] > evals[0]["top1_agreement"] + 0.3, evals
     assert evals[-1]["kl_to_teacher"] < evals[0]["kl_to_teacher"], evals
-    for trained in ("student", "teacher_sft/student"):  # both trainings ran under ZeRO-3 and wrote their loss plot
-        lineage = json.loads((root / trained / "lineage.json").read_text())
-        assert lineage["deepspeed"]["zero_optimization"]["stage"] == 3 and (root / trained / "loss.png").exists()
+    for trained in ("student", "teacher_sft/student"):  # both under ZeRO-3 with CPU offload; both plotted their loss
+        zero = json.loads((root / trained / "lineage.json").read_text())["deepspeed"]["zero_optimization"]
+        assert zero["stage"] == 3 and zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "cpu"
+        assert (root / trained / "loss.png").stat().st_size > 0
     sft = [json.loads(x) for x in (root / "teacher_sft" / "student" / "eval.jsonl").read_text().splitlines()]
-    assert sft[-1]["perplexity"] < sft[0]["perplexity"] / 10, sft  # full fine-tuning (measured 97,790 -> 8.4)
+    assert sft[-1]["perplexity"] < sft[0]["perplexity"] / 10, sft  # full fine-tuning (measured 97,790 -> 8-17)
     steps = [json.loads(x) for x in (root / "student" / "metrics.jsonl").read_text().splitlines()]
     third = len(steps) // 3
     assert sum(r["kd"] for r in steps[-third:]) < sum(r["kd"] for r in steps[:third])  # KD falls

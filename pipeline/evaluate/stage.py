@@ -114,14 +114,14 @@ def generate(stage: EvaluateStage, model: ModelConfig, heldout: Path) -> pa.Tabl
     from pipeline.generation.engine import EngineSpec
     from pipeline.generation.prepare import PrepareSpec
     from pipeline.generation.processor import ProcessorSpec, build_processor, read_corpus
-    from pipeline.runtime import require_resources
+    from pipeline.runtime import Ask, require_resources
 
     ev = stage.evaluate
     gpus = model.tensor_parallel_size if ev.use_gpu else 0
-    require_resources(stage.cluster, "evaluate.concurrency[0]", ev.concurrency[0], "generator actor",
-                      {"CPU": ev.num_cpus_per_actor, "GPU": gpus},
-                      "lower evaluate.concurrency[0] or evaluate.num_cpus_per_actor, set evaluate.use_gpu=false on a "
-                      "machine without GPUs, or raise cluster.num_cpus")
+    require_resources(stage.cluster, Ask("evaluate.concurrency[0]", ev.concurrency[0], "generator actor",
+                                         {"CPU": ev.num_cpus_per_actor, "GPU": gpus},
+                                         "lower evaluate.concurrency[0] or evaluate.num_cpus_per_actor, set "
+                                         "evaluate.use_gpu=false on a machine without GPUs, or raise cluster.num_cpus"))
     prep = PrepareSpec(tokenizer=model.name_or_path, revision=model.revision, mode="generate",
                        max_prompt_tokens=ev.max_prompt_tokens, max_response_tokens=ev.max_response_tokens,
                        max_model_len=model.max_model_len, setting="evaluate")

@@ -92,19 +92,18 @@ def run(cfg: Any) -> dict[str, Any]:
     """Label the configured corpus with the configured teacher; returns the end-of-job summary."""
     import ray
 
-    from pipeline.runtime import init_ray, require_resources
+    from pipeline.runtime import Ask, init_ray
 
     stage = label_stage(cfg)
     stage.teacher = pin_revision(stage.teacher, "teacher")  # every actor loads this commit of a hub teacher
     ensure_corpus(stage)
     manifest = check_resume(stage, build_manifest(stage))
-    init_ray(stage.cluster)
     lab = stage.label
-    if lab.mode != "reference":  # reference mode runs no teacher
-        require_resources(stage.cluster, "label.concurrency[0]", lab.concurrency[0], "teacher actor",
-                          {"CPU": lab.num_cpus_per_actor, "GPU": lab.num_gpus_per_actor},
-                          "lower label.concurrency[0], label.num_cpus_per_actor or label.num_gpus_per_actor, or "
-                          "raise cluster.num_cpus")
+    teachers = Ask("label.concurrency[0]", lab.concurrency[0], "teacher actor",
+                   {"CPU": lab.num_cpus_per_actor, "GPU": lab.num_gpus_per_actor},
+                   "lower label.concurrency[0], label.num_cpus_per_actor or label.num_gpus_per_actor, or raise "
+                   "cluster.num_cpus")
+    init_ray(stage.cluster, *([teachers] if lab.mode != "reference" else []))  # reference mode runs no teacher
     write_manifest(stage.paths.labels_dir, manifest)
     Path(stage.paths.rejected_dir).mkdir(parents=True, exist_ok=True)
 

@@ -139,7 +139,7 @@ def run(cfg: Any) -> dict[str, Any]:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.runtime import init_ray, require_resources
+    from pipeline.runtime import Ask, init_ray
 
     stage = train_stage(cfg)
     stage.student = pin_revision(stage.student, "student")  # every worker loads this commit of a hub student
@@ -183,11 +183,10 @@ def run(cfg: Any) -> dict[str, Any]:
                  "train": asdict(t), "heldout_fraction": fraction, "loss": asdict(stage.loss),
                  "deepspeed": stage.deepspeed},
     )
-    init_ray(stage.cluster)
-    require_resources(stage.cluster, "train.num_workers", t.num_workers, "worker",
-                      {"CPU": t.cpus_per_worker, "GPU": 1 if t.use_gpu else 0},
-                      "lower train.num_workers or train.cpus_per_worker, raise cluster.num_cpus, or set "
-                      "train.use_gpu=false on a machine without GPUs")
+    init_ray(stage.cluster, Ask("train.num_workers", t.num_workers, "worker",
+                                {"CPU": t.cpus_per_worker, "GPU": 1 if t.use_gpu else 0},
+                                "lower train.num_workers or train.cpus_per_worker, raise cluster.num_cpus, or set "
+                                "train.use_gpu=false on a machine without GPUs"))
     def trained(i: str) -> bool:
         return i in keep if keep is not None else not is_heldout(i, fraction)
 
