@@ -126,7 +126,11 @@ def entrypoint(cfg, name: str):
     except Exception:  # noqa: BLE001 - a config that does not resolve is reported by the stage, as one sentence
         log = None
     if log is not None:
-        console.route(log)
+        try:
+            console.route(log)
+        except OSError as e:  # a run root the driver cannot write: the stage itself says so, as one sentence
+            print(f"warning: {name}'s output is not kept in {log} ({e.strerror}); all of it goes to the terminal",
+                  file=sys.stderr, flush=True)
         if console.log_path():
             print(f"{name}: Ray's, vLLM's and every worker's output in {log}", flush=True)
     received: list[int] = []
@@ -197,6 +201,28 @@ def within(call, timeout_s: float, interrupted: threading.Event | None = None):
     deadline = time.monotonic() + timeout_s
     while worker.is_alive() and time.monotonic() < deadline and not (interrupted and interrupted.is_set()):
         worker.join(0.1)
+    return box.get("result")
+
+
+def interruptible(call):
+    """`call()` in a daemon thread, waited on from the main one: its result, or its exception raised here. For calls
+    that install their own SIGINT handler when run in the main thread — Ray Train 2.60's `fit()` installs one that
+    aborts the run and exits with code 0 or 1 — so that Ctrl-C still reaches `entrypoint`, which stops everything
+    and exits with 130 (Ray Train skips its handler outside the main thread)."""
+    box: dict[str, Any] = {}
+
+    def run():
+        try:
+            box["result"] = call()
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+            box["error"] = e
+
+    worker = threading.Thread(target=run, daemon=True, name="interruptible")
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.2)  # short waits, so a signal's handler runs in the main thread
+    if "error" in box:
+        raise box["error"]
     return box.get("result")
 
 

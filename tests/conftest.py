@@ -42,6 +42,34 @@ def run_job(script: str, *overrides: str, timeout: int = 900, check: bool = True
     return proc
 
 
+def interrupt_like_a_terminal(proc: subprocess.Popen, lines: list[str]) -> tuple[int, float]:
+    """Ctrl-C as a terminal sends it: SIGINT to the whole process group of `proc` (started with
+    `start_new_session=True`), the embedded Ray's processes included. Waits up to 30 s for it to exit and then up to
+    the same 30 s for every process of its session to be gone; returns (exit code, seconds to exit). `lines`: its
+    output so far, for the failure message."""
+    import time
+
+    import psutil
+
+    from pipeline.runtime import interrupt_and_wait
+
+    started = time.monotonic()
+    code = interrupt_and_wait(proc, timeout=30, group=True)
+    took = time.monotonic() - started
+
+    def session(p):
+        try:
+            return os.getsid(p.pid)
+        except OSError:
+            return None
+
+    while left := [" ".join(p.info["cmdline"] or [])[:120] for p in psutil.process_iter(["cmdline"])
+                   if session(p) == proc.pid]:
+        assert time.monotonic() - started < 30, (left, "".join(lines[-40:]))
+        time.sleep(0.5)
+    return code, took
+
+
 # A test is `slow` (left out by `make test-fast`) when it runs a stage entrypoint, an engine or a Ray cluster: every
 # test of these modules, and any test that uses one of these fixtures.
 SLOW_MODULES = {"test_chain", "test_train_stage", "test_label_stage", "test_ray_job_submit"}
@@ -102,21 +130,45 @@ def ray_head(hub_models):
 
 @pytest.fixture(scope="session")
 def submitted_label_run(ray_head, hub_models, tmp_path_factory) -> dict:
-    """The label stage in generate mode, submitted as a Ray job to the real head (`ray job submit --working-dir .`)
-    over a corpus salted with every kind of bad row, its teacher named by hub id and tag: the label stage's generate
-    run for tests/test_label_stage.py and the cluster path's label job for tests/test_ray_job_submit.py."""
-    from labels_check import write_corpus
+    """The label stage in generate mode over a corpus salted with every kind of bad row (400 good rows), its teacher
+    named by hub id and tag. First run here and SIGKILLed — driver, embedded Ray and vLLM at once — as soon as its
+    first shards are written; then the same command is submitted as a Ray job to the real head (`ray job submit
+    --working-dir .`) and finishes the rest. The label stage's generate run, its kill and resume included, for
+    tests/test_label_stage.py, and the cluster path's label job for tests/test_ray_job_submit.py."""
+    import signal
+    import time
+
+    import psutil
+
+    from labels_check import read_dir, write_corpus
     from ray_head import submit
 
     root = tmp_path_factory.mktemp("label-generate")
-    paths, good, total = write_corpus(root / "corpus", 16, with_response=False)
-    proc = submit(ray_head, "ray_jobs/label.py", "debug=tiny", f"paths.run_root={root}", "data.build=null",
-                  f"data.paths=[{','.join(str(p) for p in paths)}]", "label.mode=generate", *hub_models["overrides"])
+    paths, good, total = write_corpus(root / "corpus", 400, with_response=False, seed=3)
+    args = ["ray_jobs/label.py", "debug=tiny", f"paths.run_root={root}", "data.build=null",
+            f"data.paths=[{','.join(str(p) for p in paths)}]", "label.mode=generate", "label.max_response_tokens=48",
+            *hub_models["overrides"]]
+    killed = subprocess.Popen([sys.executable, str(REPO / args[0]), *args[1:], "label.batch_size=4",
+                               "label.prepare_batch_size=8"], cwd=REPO, env={**os.environ, **hub_models["env"]},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not list((root / "labels").glob("part-*.parquet")) and killed.poll() is None:
+        assert time.time() < deadline, "no shards within 10 minutes"
+        time.sleep(0.1)
+    assert killed.poll() is None, "the run finished before it could be killed; give it more rows"
+    for p in psutil.Process(killed.pid).children(recursive=True) + [psutil.Process(killed.pid)]:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    killed.wait()
+    partial = read_dir(root / "labels").num_rows
+    proc = submit(ray_head, *args)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     commit = hub_models["commits"]["teacher"]
     teacher = hub_models["cache"] / "models--ray-distill--tiny-teacher" / "snapshots" / commit
     return {"mode": "generate", "root": root, "paths": paths, "good": good, "total": total, "proc": proc,
-            "teacher": teacher}
+            "teacher": teacher, "partial": partial}
 
 
 ALL_LINEAR = "train.lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"

@@ -2,7 +2,7 @@
 
 One chain run (conftest's `chain`, which tests/test_serve.py serves from too) is shared by the tests below (in
 order): everything runs; the same command again skips every stage; a changed quantize setting re-runs quantize and
-evaluate but nothing upstream; Ctrl-C stops a run cleanly. The teacher is
+evaluate but nothing upstream (its first try stopped by Ctrl-C, the second a Ray job). The teacher is
 first trained on the corpus (SFT), so it has structure a student can learn: the KD student's top-1
 agreement with it on held-out labeled rows must rise (2 workers, LoRA on every linear layer; the SFT teacher: full
 fine-tuning; both under ZeRO-3 with CPU offload, conf/deepspeed/zero3_offload.yaml).
@@ -104,24 +104,59 @@ def test_a_changed_setting_reruns_its_stage_and_downstream_only(chain, ray_head)
     """A changed quantize setting re-runs quantize and evaluate and nothing upstream; evaluate measures only the model
     that changed (the quantized student) and reuses the teacher's, the student's and the baseline's results. Each
     stage's fingerprint holds its own config and its upstream stages' (pipeline/chain.py), so a changed train setting
-    works the same way one stage earlier (tests/test_config.py checks which fingerprints a setting moves). This run is
-    submitted as a Ray job to a real head (conftest's `ray_head`), as a user runs the chain on a cluster."""
+    works the same way one stage earlier (tests/test_config.py checks which fingerprints a setting moves).
+
+    The run is first stopped with Ctrl-C as a terminal sends it — SIGINT to the whole process group, the embedded
+    Ray's processes included — while evaluate measures the quantized student: it exits within 30 s with code 130
+    and a line saying so (no traceback), leaving no process of its session behind. The same command, submitted as a
+    Ray job to a real head (conftest's `ray_head`) as on a cluster, then continues from what was finished: quantize
+    is not run again, evaluate is."""
+    import os
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from conftest import REPO, interrupt_like_a_terminal
+
     root, args, _, hub = chain
     before = {sub: (root / sub / "manifest.json").stat().st_mtime_ns for sub in ("labels", "teacher_sft/labels")}
     student = (root / "student" / "lineage.json").stat().st_mtime_ns
     old_gate = json.loads((root / "quantized" / "manifest.json").read_text())["gate"]
-    proc = submit(ray_head, "ray_jobs/run.py", *args, "quantize.damp_percent=0.1")
-    assert proc.returncode == 0 and "succeeded" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-4000:]
+    changed = [*args, "quantize.damp_percent=0.1"]
+    proc = subprocess.Popen([sys.executable, str(REPO / "ray_jobs" / "run.py"), *changed], cwd=REPO,
+                            env={**os.environ, **hub["env"], "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    try:
+        deadline = time.monotonic() + 180
+        while not any(line.startswith("evaluate: quantized") for line in lines):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines[-40:])
+            time.sleep(0.2)
+        time.sleep(1)  # the quantized student's engine is starting or generating
+    finally:
+        code, took = interrupt_like_a_terminal(proc, lines)
+    time.sleep(0.5)  # the reader thread's last lines
+    out = "".join(lines)
+    assert code == 130 and took < 30, (code, took, out[-3000:])
+    assert "run: interrupted (SIGINT)" in out and "run: stopped" in out and "Traceback" not in out, out[-3000:]
     for stage in STAGES[:4]:
-        assert f"run: {stage} skipped" in proc.stdout
+        assert f"run: {stage} skipped" in out
     for stage in STAGES[4:]:
-        assert f"run: {stage} re-runs from scratch" in proc.stdout
+        assert f"run: {stage} re-runs from scratch" in out
+
+    job = submit(ray_head, "ray_jobs/run.py", *changed)
+    assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-4000:] + job.stderr[-4000:]
+    for stage in STAGES[:5]:  # quantize finished before the interruption
+        assert f"run: {stage} skipped" in job.stdout
+    assert "run: evaluate runs" in job.stdout
     assert {sub: (root / sub / "manifest.json").stat().st_mtime_ns for sub in before} == before
     assert (root / "student" / "lineage.json").stat().st_mtime_ns == student
     manifest = json.loads((root / "quantized" / "manifest.json").read_text())
     assert manifest["quantize"]["damp_percent"] == 0.1
     assert manifest["gate"]["unquantized"] == old_gate["unquantized"]  # the same student, scored the same way
-    reused = [line for line in proc.stdout.splitlines() if line.startswith("evaluate: ") and "results reused" in line]
+    reused = [line for line in job.stdout.splitlines() if line.startswith("evaluate: ") and "results reused" in line]
     assert [line.split()[1] for line in reused] == ["teacher", "student", "sft_baseline"], reused
     models = json.loads((root / "eval" / "metrics.json").read_text())["models"]
     assert [role for role, r in models.items() if r["reused"]] == ["teacher", "student", "sft_baseline"]
@@ -195,54 +230,3 @@ def test_run_skip_and_baseline_choose_the_stages_and_their_configs(tmp_path, mon
     assert evaluate.evaluate.baseline_path == f"{tmp_path}/baseline"
     started.clear()
     assert set(chain.run(cfg).values()) == {"skipped"} and not started
-
-
-def test_ctrl_c_stops_the_chain_and_leaves_nothing_behind(chain):
-    """Ctrl-C as a terminal sends it — SIGINT to the whole foreground process group, the embedded Ray's processes
-    included — while run.py's evaluate stage is at work: the run exits within 30 s with code 130 and says so in a
-    line, not a traceback, and no process of its session is left (Ray's daemons, workers and vLLM engines). Its
-    evaluate stage writes to another folder with its result cache off, so the chain's own results stay as they are."""
-    import os
-    import subprocess
-    import sys
-    import threading
-    import time
-
-    import psutil
-
-    from conftest import REPO
-    from pipeline.runtime import interrupt_and_wait
-
-    root, args, _, hub = chain
-    cmd = [sys.executable, str(REPO / "ray_jobs" / "run.py"), *args, f"paths.eval_dir={root}/eval-interrupted",
-           "evaluate.reuse=false"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **hub["env"], "PYTHONUNBUFFERED": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
-    try:
-        deadline = time.monotonic() + 180
-        while not any(line.startswith("evaluate: teacher") for line in lines):
-            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines[-40:])
-            time.sleep(0.2)
-        time.sleep(3)  # the teacher's engine is starting or generating
-    finally:
-        started = time.monotonic()
-        code = interrupt_and_wait(proc, timeout=30, group=True)
-        took = time.monotonic() - started
-    time.sleep(0.5)  # the reader thread's last lines
-    out = "".join(lines)
-    assert code == 130 and took < 30, (code, took, out[-3000:])
-    assert "run: interrupted (SIGINT)" in out and "run: stopped" in out and "Traceback" not in out, out[-3000:]
-
-    def session(p):
-        try:
-            return os.getsid(p.pid)
-        except OSError:
-            return None
-
-    while left := [" ".join(p.info["cmdline"] or [])[:120] for p in psutil.process_iter(["cmdline"])
-                   if session(p) == proc.pid]:
-        assert time.monotonic() - started < 30, left
-        time.sleep(0.5)
-    assert (root / "eval" / "metrics.json").exists()  # the chain's own evaluation is untouched

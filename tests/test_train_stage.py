@@ -1,9 +1,9 @@
 """The train stage through its entrypoint: real Ray Train, real DeepSpeed (CPU, gloo), 2 workers, tiny models,
 on labels of the tiny teacher in the label contract.
 
-Here: a sequence-parallel run whose workers are killed mid-run (ZeRO-2, full fine-tuning), then on its finished
-root a resume, a refused change and a start-over with ZeRO-1, gradient accumulation, gradient checkpointing and a
-merged LoRA student. Full fine-tuning and LoRA under ZeRO-3 with CPU offload, and held-out top-1 agreement, are
+Here: a sequence-parallel run (ZeRO-2, full fine-tuning) whose workers are killed mid-run, which is then stopped
+with Ctrl-C and finished by the same command as a Ray job; then on its root a refused change and a start-over with
+ZeRO-1, gradient accumulation, gradient checkpointing and a merged LoRA student. Full fine-tuning and LoRA under ZeRO-3 with CPU offload, and held-out top-1 agreement, are
 asserted in tests/test_chain.py, whose teacher is first SFT-trained: with the random tiny teacher used here
 agreement moves by less than run-to-run noise (measured 1.4 % -> 1.6 %), while the held-out KL to the teacher
 falls reliably."""
@@ -102,49 +102,67 @@ RUN = ["debug=tiny", "train.method=full", "train.lr=1e-2", "train.epochs=3", "tr
 
 
 @pytest.fixture(scope="module")
-def killed_run(labeled, tmp_path_factory):
-    """A training run whose workers are SIGKILLed mid-run (once Ray Train has registered a checkpoint), left to
-    recover and finish; returns (run root, its output, the step of the checkpoint registered before the kill)."""
+def killed_run(labeled, tmp_path_factory, ray_head):
+    """A training run whose workers are SIGKILLed mid-run (once Ray Train has registered a checkpoint) and which
+    recovers; once the new worker group has taken a few steps, the whole run is stopped with Ctrl-C (SIGINT to its
+    process group, as a terminal sends it), and the same command, submitted as a Ray job to the real head (conftest's
+    `ray_head`), finishes it from its newest checkpoint. Returns (run root, the first run's output, the step of the
+    checkpoint registered before the kill, (exit code, seconds) of the Ctrl-C, the job)."""
     import subprocess
     import sys
+    import threading
     import time
 
-    from conftest import REPO
+    from conftest import REPO, interrupt_like_a_terminal
 
     run_root = tmp_path_factory.mktemp("train-killed")
     for sub in ("labels", "models"):
         (run_root / sub).symlink_to(labeled / sub)
     metrics = run_root / "student" / "metrics.jsonl"
     cmd = [sys.executable, str(REPO / "ray_jobs" / "train.py"), *RUN, f"paths.run_root={run_root}"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+
+    def logged() -> int:
+        return len(metrics.read_text().splitlines()) if metrics.exists() else 0
+
     try:
         deadline = time.monotonic() + 300
-        while not (metrics.exists() and _registered_checkpoint_step(run_root / "train") >= 6
-                   and max(_steps(run_root), default=0) >= 8):
+        while not (_registered_checkpoint_step(run_root / "train") >= 6 and max(_steps(run_root), default=0) >= 8):
             assert proc.poll() is None and time.monotonic() < deadline, "training ended or stalled before the kill"
             time.sleep(0.2)
-        registered = _registered_checkpoint_step(run_root / "train")
+        registered, before = _registered_checkpoint_step(run_root / "train"), logged()
         victims = _train_workers(proc.pid)
         assert victims
         for victim in victims:  # every match is under this driver; losing any one fails the worker group
             victim.kill()
-        out, _ = proc.communicate(timeout=600)
+        while logged() < before + 4:  # the replacement group trains on
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines[-40:])
+            time.sleep(0.1)
+        assert max(_steps(run_root)) < 3 * 9 * SP, "the run finished before Ctrl-C; give it more steps"
     finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, out[-4000:]
-    return run_root, out, registered
+        interrupted = interrupt_like_a_terminal(proc, lines)
+    time.sleep(0.5)  # the reader thread's last lines
+    job = submit(ray_head, "ray_jobs/train.py", *RUN, f"paths.run_root={run_root}")
+    assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-4000:] + job.stderr[-4000:]
+    return run_root, "".join(lines), registered, interrupted, job
 
 
 def test_a_killed_worker_group_is_replaced_and_resumes_from_the_checkpoint(killed_run):
-    """SIGKILL the training workers mid-run: Ray Train replaces the worker group, the new group resumes from the
-    newest registered checkpoint (not step 0) and the run finishes every step. The two workers form one Ulysses
+    """SIGKILL the training workers mid-run: Ray Train replaces the worker group and the new group resumes from the
+    newest registered checkpoint (not step 0); Ctrl-C then stops the run within 30 s, leaving nothing behind, and
+    the same command as a Ray job finishes every step from the newest checkpoint. The two workers form one Ulysses
     sequence-parallel group, so this is also the sequence-parallel path through Ray Train end to end. Full
     fine-tuning and LoRA under ZeRO-3 with CPU offload are trained by tests/test_chain.py (its SFT teacher and its
     KD student)."""
     import re
 
-    run_root, out, registered = killed_run
+    run_root, out, registered, (code, took), job = killed_run
+    assert code == 130 and took < 30, (code, took, out[-3000:])
+    assert "train: interrupted (SIGINT)" in out and "Traceback" not in out, out[-3000:]
+    assert re.search(r"train: resuming from the checkpoint of step ([1-9]\d*)", job.stdout), job.stdout[-3000:]
     metrics = run_root / "student" / "metrics.jsonl"
     # Ray Train saw the loss and recovered: its own log lines are in the run's log, not on the terminal
     log = (run_root / "logs" / "train.log").read_text()
@@ -176,14 +194,9 @@ def test_a_killed_worker_group_is_replaced_and_resumes_from_the_checkpoint(kille
     assert (run_root / "student" / "loss.png").stat().st_size > 0
 
 
-def test_a_finished_run_resumes_and_a_changed_one_is_refused_or_starts_over(killed_run, ray_head):
+def test_a_changed_run_is_refused_or_starts_over(killed_run):
     run_root = killed_run[0]
-    # the same command again, submitted as a Ray job to a real head (conftest's `ray_head`), resumes from the final
-    # checkpoint instead of training from scratch
     lines = len((run_root / "student" / "metrics.jsonl").read_text().splitlines())
-    proc = submit(ray_head, "ray_jobs/train.py", *RUN, f"paths.run_root={run_root}")
-    assert proc.returncode == 0 and "succeeded" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "train: resuming from the checkpoint of step 54" in proc.stdout, proc.stdout[-4000:]
     assert len((run_root / "student" / "metrics.jsonl").read_text().splitlines()) == lines
 
     # another ZeRO stage on those checkpoints is refused before any work, naming what changed (DeepSpeed would

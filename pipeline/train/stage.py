@@ -139,7 +139,7 @@ def run(cfg: Any) -> dict[str, Any]:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.runtime import Ask, init_ray
+    from pipeline.runtime import Ask, init_ray, interruptible
 
     stage = train_stage(cfg)
     stage.student = pin_revision(stage.student, "student")  # every worker loads this commit of a hub student
@@ -207,7 +207,7 @@ def run(cfg: Any) -> dict[str, Any]:
         datasets={"train": dataset},
     )
     with _steps_progress(Path(stage.paths.student_dir) / "metrics.jsonl", total_steps):
-        result = trainer.fit()
+        result = interruptible(trainer.fit)  # Ctrl-C reaches the entrypoint, not Ray Train's own handler
     curves = plot_losses(Path(stage.paths.student_dir))
     summary = {"steps": total_steps, "rows": rows, "metrics": result.metrics, "student_dir": stage.paths.student_dir,
                "loss_plot": str(curves) if curves else None}
