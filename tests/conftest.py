@@ -76,10 +76,15 @@ SLOW_MODULES = {"test_chain", "test_train_stage", "test_label_stage", "test_ray_
 SLOW_FIXTURES = {"server", "client", "run_root", "hub_models", "ray_head", "submitted_label_run", "chain"}
 
 
+# runs last: the application it deploys on the shared Ray head outlives its job and holds a CPU other jobs would wait for
+LAST = "test_serve_job_deploys_on_the_head_and_prints_the_url"
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES or SLOW_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.slow)
+    items.sort(key=lambda item: item.name == LAST)  # stable: everything else keeps its order
 
 
 @pytest.fixture(scope="session")

@@ -37,6 +37,8 @@ def test_label_job_submitted_to_a_real_head(ray_head, submitted_label_run, hub_m
 
 
 def test_serve_job_deploys_on_the_head_and_prints_the_url(ray_head, tiny_models, tmp_path):
+    """The application outlives its job and keeps a CPU of the head, which the jobs of other tests share: this test
+    runs last in the session (conftest), and the head is stopped after it."""
     import re
 
     import openai
@@ -51,6 +53,6 @@ def test_serve_job_deploys_on_the_head_and_prints_the_url(ray_head, tiny_models,
     assert url == f"http://127.0.0.1:{port}"
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=2, timeout=120)
     assert [m.id for m in client.models.list().data] == ["student"]
-    reply = client.chat.completions.create(model="student", messages=[{"role": "user", "content": "what is 2 + 3?"}],
-                                           max_tokens=8, temperature=0)
+    reply = client.chat.completions.create(model="student", max_tokens=8, temperature=0,
+                                           messages=[{"role": "user", "content": "what is 2 + 3?"}])
     assert reply.choices[0].message.content and reply.usage.completion_tokens > 0
