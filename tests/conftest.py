@@ -130,7 +130,7 @@ def ray_head(hub_models):
 
     head = start_head(hub_models["env"], free_port)
     yield head
-    stop_head(head[3])
+    stop_head(head[3], head[4])
 
 
 @pytest.fixture(scope="session")

@@ -12,13 +12,13 @@ import time
 from pathlib import Path
 
 
-def start_head(extra_env: dict[str, str], free_port) -> tuple[str, str, dict[str, str], Path]:
+def start_head(extra_env: dict[str, str], free_port) -> tuple[str, str, dict[str, str], Path, int]:
     """Start a 2-CPU head; returns (the `ray` CLI, the dashboard address jobs are submitted to, the environment the
-    CLI and every process of the head run with, the head's temp dir)."""
+    CLI and every process of the head run with, the head's temp dir, its Ray Client server's port)."""
     # Ray's socket paths must stay under 107 bytes, so its temp dir cannot live under pytest's tmp_path
     temp_dir = Path(tempfile.mkdtemp(prefix="rd-ray-"))
     ray_bin = str(Path(sys.executable).with_name("ray"))
-    gcs, dash, agent = free_port(), free_port(), free_port()
+    gcs, dash, agent, client = free_port(), free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # Ray 2.60 turns token auth on for new local clusters; say so explicitly so the CLI sends the token
     env["RAY_AUTH_MODE"] = "token"
@@ -31,15 +31,18 @@ def start_head(extra_env: dict[str, str], free_port) -> tuple[str, str, dict[str
                     # the job agent's HTTP port defaults to 52365 on every Ray: another Ray on this machine (a test
                     # running beside this one) may hold it, and the head then answers "No available agent" forever
                     f"--dashboard-agent-listen-port={agent}",
+                    # Ray Client's server (10001 by default) is started apart from the head's other processes: its
+                    # own port, by which stop_head finds it
+                    f"--ray-client-server-port={client}",
                     f"--temp-dir={temp_dir}", "--disable-usage-stats"],
                    check=True, capture_output=True, env=env, timeout=180)
     address = f"http://127.0.0.1:{dash}"
     try:
         wait_for_job_agent(ray_bin, address, env)
     except BaseException:
-        stop_head(temp_dir)
+        stop_head(temp_dir, client)
         raise
-    return ray_bin, address, env, temp_dir
+    return ray_bin, address, env, temp_dir, client
 
 
 def wait_for_job_agent(ray_bin: str, address: str, env: dict, timeout_s: float = 180) -> None:
@@ -56,14 +59,18 @@ def wait_for_job_agent(ray_bin: str, address: str, env: dict, timeout_s: float =
         time.sleep(2)
 
 
-def stop_head(temp_dir: Path) -> None:
+def stop_head(temp_dir: Path, client_port: int | None = None) -> None:
     """Stop this head's processes only (`ray stop` would stop every Ray cluster on the machine): those whose
-    command line names its temp dir, and everything they started."""
+    command line names its temp dir or its Ray Client server's port, and everything they started."""
     import shutil
 
     import psutil
 
-    roots = [p for p in psutil.process_iter(["cmdline"]) if any(str(temp_dir) in a for a in p.info["cmdline"] or ())]
+    def ours(cmdline: list[str]) -> bool:
+        return any(str(temp_dir) in a for a in cmdline) or (
+            "ray.util.client.server" in cmdline and f"--port={client_port}" in cmdline)
+
+    roots = [p for p in psutil.process_iter(["cmdline"]) if ours(p.info["cmdline"] or [])]
     procs = set(roots)
     for root in roots:
         with contextlib.suppress(psutil.NoSuchProcess):
@@ -80,7 +87,7 @@ def stop_head(temp_dir: Path) -> None:
 
 def submit(ray_head, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     """`ray job submit --working-dir . -- python <args>` from the repo root, as a user submits a stage."""
-    ray_bin, address, env, _ = ray_head
+    ray_bin, address, env, *_ = ray_head
     return subprocess.run([ray_bin, "job", "submit", f"--address={address}", "--working-dir", ".", "--", "python",
                            *args], cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
                           timeout=timeout)

