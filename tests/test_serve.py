@@ -179,15 +179,16 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(chain):
-    """The tiny chain's KD student (conftest's `chain`; its LoRA adapter as evaluate merged it, by serve.model_path)
-    served with an API key from the environment and autoscaling between 1 and 2 replicas on short delays. Its GPTQ
-    4-bit student is served by the job-submitted serve test (tests/test_ray_job_submit.py): greedy decoding through
-    the 4-bit kernel can differ between two identical requests at a near-tie, which the stop and seed checks here
-    rely on not happening."""
-    run_root, _, _, hub = chain
-    merged = run_root / "eval" / "student-merged"
-    model, expected = [f"serve.model_path={merged}"], f"model_path model {merged}"
+def server(tiny_models, tmp_path_factory):
+    """The tiny student trained-into place (<run_root>/student/model), served with an API key from the environment
+    and autoscaling between 1 and 2 replicas on short delays. The chain's GPTQ 4-bit student is served by the
+    job-submitted serve test (tests/test_ray_job_submit.py) and compared with transformers there: the stop and seed
+    checks here need identical greedy answers to identical requests, which a trained student's near-ties did not
+    give (two CI runs failed on it)."""
+    run_root = tmp_path_factory.mktemp("serve-run")
+    shutil.copytree(tiny_models["student"], run_root / "student" / "model")
+    hub = {"env": {}, "overrides": []}
+    model, expected = [], f"student model {run_root / 'student' / 'model'}"
     port = free_port()
     # HAProxy's metrics listener defaults to port 9101 on every Serve: a Serve of another test may hold it
     env = {**os.environ, **hub["env"], "PYTHONUNBUFFERED": "1", "RAY_DISTILL_API_KEY": KEY,
