@@ -187,15 +187,13 @@ def server(tiny_models, tmp_path_factory):
     give (two CI runs failed on it)."""
     run_root = tmp_path_factory.mktemp("serve-run")
     shutil.copytree(tiny_models["student"], run_root / "student" / "model")
-    hub = {"env": {}, "overrides": []}
-    model, expected = [], f"student model {run_root / 'student' / 'model'}"
     port = free_port()
     # HAProxy's metrics listener defaults to port 9101 on every Serve: a Serve of another test may hold it
-    env = {**os.environ, **hub["env"], "PYTHONUNBUFFERED": "1", "RAY_DISTILL_API_KEY": KEY,
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_DISTILL_API_KEY": KEY,
            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
     env.pop("VLLM_API_KEY", None)
     args = [sys.executable, str(REPO / "ray_jobs" / "serve.py"), "debug=tiny", f"paths.run_root={run_root}",
-            *hub["overrides"], *model, f"serve.port={port}", "serve.autoscaling.max_replicas=2",
+            f"serve.port={port}", "serve.autoscaling.max_replicas=2",
             "serve.autoscaling.target_ongoing_requests=2",
             "serve.autoscaling.upscale_delay_s=1", "serve.autoscaling.downscale_delay_s=4",
             "serve.autoscaling.metrics_interval_s=0.5", "serve.autoscaling.look_back_period_s=2",
@@ -204,7 +202,7 @@ def server(tiny_models, tmp_path_factory):
     srv.base = f"http://127.0.0.1:{port}"
     srv.run_root = run_root
     srv.overrides = args[2:]
-    srv.model = expected
+    srv.model = f"student model {run_root / 'student' / 'model'}"
     yield srv
     # Ctrl-C as a terminal sends it: SIGINT to the whole process group, the embedded Ray's processes included.
     # The entrypoint exits within 30 s and leaves nothing of the run behind: no process of its session, the port free.
