@@ -73,6 +73,35 @@ class _BarFile:
         return self.terminal.tty
 
 
+class _WholeLines:
+    """`sys.stdout` or `sys.stderr` while the output is routed. `print` writes a line's text and its newline in two
+    calls, so two threads printing at once — the driver's own stage lines and the thread in which Ray prints its
+    workers' lines — could join two lines into one (a stage's line after a worker's, where neither the terminal
+    filter nor a reader finds it). This keeps each thread's text until its line ends and writes whole lines only."""
+
+    def __init__(self, stream: Any):
+        self.stream = stream
+        self.local = threading.local()
+        self.lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        head, newline, self.local.pending = (getattr(self.local, "pending", "") + text).rpartition("\n")
+        if newline:
+            with self.lock:
+                self.stream.write(head + newline)
+        return len(text)
+
+    def flush(self) -> None:
+        pending, self.local.pending = getattr(self.local, "pending", ""), ""
+        with self.lock:
+            if pending:
+                self.stream.write(pending)
+            self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:  # fileno, encoding, isatty, buffer, ...
+        return getattr(self.stream, name)
+
+
 class _Router:
     def __init__(self, log_path: Path):
         self.lock = threading.Lock()
@@ -80,6 +109,8 @@ class _Router:
         self.set_log(log_path)
         sys.stdout.flush()
         sys.stderr.flush()
+        if not isinstance(sys.stdout, _WholeLines):
+            sys.stdout, sys.stderr = _WholeLines(sys.stdout), _WholeLines(sys.stderr)
         self.terminal = _Terminal(os.dup(1), os.dup(2))
         self.threads = []
         self.recent_worker_lines: list[str] = []

@@ -55,3 +55,36 @@ def test_verbose_turns_the_routing_off(tmp_path):
                           timeout=60, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin",
                                            "RAY_DISTILL_VERBOSE": "1"})
     assert "vLLM engine started" in proc.stdout and "from a child process" in proc.stdout and not log.exists()
+
+
+THREADS = textwrap.dedent('''
+    import sys, threading
+    from pathlib import Path
+    from pipeline import console
+
+    console.route(Path(sys.argv[1]))
+    worker = "\\x1b[36m(MapWorker(MapBatches(Scorer)) pid=7)\\x1b[0m \\rINFO  gc.collect() reclaimed 238 objects" + " " * 30
+
+    def ray_prints_worker_lines():  # as ray._private.worker.print_worker_logs does, from its own thread
+        for _ in range(3000):
+            print(worker)
+
+    thread = threading.Thread(target=ray_prints_worker_lines)
+    thread.start()
+    for i in range(3000):
+        print(f"evaluate: model {i} results reused", flush=True)
+    thread.join()
+''')
+
+
+def test_two_threads_printing_at_once_never_join_their_lines(tmp_path):
+    """`print` writes a line and its newline in two calls; a stage's line printed while Ray's thread prints a worker's
+    line once landed after the worker's text on one line (found by neither the terminal filter nor a reader). Unbuffered,
+    as the tests' runs are, each of those writes is a system call during which the other thread runs."""
+    log = tmp_path / "logs" / "evaluate.log"
+    proc = subprocess.run([sys.executable, "-c", THREADS, str(log)], cwd=REPO, capture_output=True, text=True,
+                          timeout=60, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [f"evaluate: model {i} results reused" for i in range(3000)]
+    lines = log.read_bytes().decode().split("\n")[:-1]  # not read_text(): the worker's text holds a "\\r"
+    assert len(lines) == 6000 and sum(line.startswith("evaluate: ") for line in lines) == 3000
