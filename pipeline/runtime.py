@@ -39,14 +39,12 @@ class Ask:
 
 def init_ray(cluster: ClusterConfig, *asks: Ask) -> None:
     """Join the configured cluster (or RAY_ADDRESS), else start a local one (no-op when Ray is up); then each of
-    `asks` must fit (`require_resources`). An embedded Ray with `cluster.num_cpus` set is checked for CPUs before it
-    starts, so a run that cannot fit starts no Ray; its GPUs are known, and checked, once it runs."""
+    `asks` must fit (`require_resources`). An embedded Ray is checked before it starts (`local_resources`), so a
+    run that cannot fit starts no Ray."""
     import ray
 
     if not ray.is_initialized():
-        if is_embedded(cluster) and cluster.num_cpus is not None:
-            for ask in asks:
-                _check(cluster, ask, {"CPU": cluster.num_cpus}, only=("CPU",))
+        check_local_fit(cluster, *asks)
         env_vars = {k: str(v) for k, v in cluster.env_vars.items()}
         runtime_env: dict = {"env_vars": env_vars}
         kwargs = {}
@@ -56,6 +54,26 @@ def init_ray(cluster: ClusterConfig, *asks: Ask) -> None:
         ray.init(address=cluster.address, runtime_env=runtime_env, log_to_driver=True, **kwargs)
     for ask in asks:
         require_resources(cluster, ask)
+
+
+def check_local_fit(cluster: ClusterConfig, *asks: Ask) -> None:
+    """Before an embedded Ray starts: stop with one sentence when it could not hold each of `asks`. A stage calls
+    this before its first piece of work (building a model, reading a corpus); `init_ray` calls it again."""
+    import ray
+
+    if is_embedded(cluster) and not ray.is_initialized():
+        for ask in asks:
+            _check(cluster, ask, local_resources(cluster))
+
+
+def local_resources(cluster: ClusterConfig) -> dict[str, float]:
+    """The CPUs and GPUs an embedded Ray has (or will have when it starts): `cluster.num_cpus`, else what Ray
+    detects on this machine, as `ray.init` counts them."""
+    from ray._private.accelerators import get_accelerator_manager_for_resource
+    from ray._private.utils import get_num_cpus
+
+    gpus = get_accelerator_manager_for_resource("GPU").get_current_node_num_accelerators()
+    return {"CPU": cluster.num_cpus if cluster.num_cpus is not None else get_num_cpus(), "GPU": gpus}
 
 
 def require_resources(cluster: ClusterConfig, ask: Ask) -> None:
@@ -70,8 +88,8 @@ def require_resources(cluster: ClusterConfig, ask: Ask) -> None:
     _check(cluster, ask, ray.cluster_resources())
 
 
-def _check(cluster: ClusterConfig, ask: Ask, total: dict[str, float], only: tuple[str, ...] | None = None) -> None:
-    need = {k: ask.count * v for k, v in ask.each.items() if v and (only is None or k in only)}
+def _check(cluster: ClusterConfig, ask: Ask, total: dict[str, float]) -> None:
+    need = {k: ask.count * v for k, v in ask.each.items() if v}
     have = {k: total.get(k, 0) for k in need}
     if all(need[k] <= have[k] + 1e-6 for k in need):  # 1e-6: float products such as 10 × 0.7
         return

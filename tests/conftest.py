@@ -34,12 +34,34 @@ def run_job(script: str, *overrides: str, timeout: int = 900, check: bool = True
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run `python ray_jobs/<script> overrides...` exactly as a user would, from the repo root (`env`: variables
     to add, e.g. an offline Hugging Face cache)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.run([sys.executable, str(REPO / "ray_jobs" / script), *overrides], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return proc
+    return start_job(script, *overrides, env=env).result(timeout, check)
+
+
+class start_job:
+    """`python ray_jobs/<script> overrides...` started now, its output kept in files (no pipe to fill while nobody
+    reads it); `result()` waits for it, as `run_job` returns it."""
+
+    def __init__(self, script: str, *overrides: str, env: dict[str, str] | None = None):
+        import tempfile
+
+        self.script = script
+        self.out, self.err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        self.args = [sys.executable, str(REPO / "ray_jobs" / script), *overrides]
+        self.proc = subprocess.Popen(self.args, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                                     stdout=self.out, stderr=self.err, text=True)
+
+    def result(self, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+        self.out.seek(0)
+        self.err.seek(0)
+        proc = subprocess.CompletedProcess(self.args, code, self.out.read(), self.err.read())
+        if check and code != 0:
+            raise AssertionError(f"{self.script} failed ({code}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        return proc
 
 
 def interrupt_like_a_terminal(proc: subprocess.Popen, lines: list[str]) -> tuple[int, float]:
@@ -80,11 +102,52 @@ SLOW_FIXTURES = {"server", "client", "run_root", "hub_models", "ray_head", "subm
 LAST = "test_serve_job_deploys_on_the_head_and_prints_the_url"
 
 
+def _slow(item) -> bool:
+    return item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES or bool(SLOW_FIXTURES & set(item.fixturenames))
+
+
 def pytest_collection_modifyitems(items):
+    """Order: the quick tests, while the chain run and the Ray head start beside them (`_started_early`); then the
+    chain's tests; then the other slow ones (nothing that starts engines runs beside the chain run); `LAST` last."""
     for item in items:
-        if item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES or SLOW_FIXTURES & set(item.fixturenames):
+        if _slow(item):
             item.add_marker(pytest.mark.slow)
-    items.sort(key=lambda item: item.name == LAST)  # stable: everything else keeps its order
+    items.sort(key=lambda item: (item.name == LAST, _slow(item) and "chain" not in item.fixturenames, _slow(item)))
+
+
+_EARLY: dict = {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _started_early(request):
+    """The chain run (conftest's `chain`, 2-3 minutes) and the Ray head (`ray_head`) are started when the session
+    starts, if any selected test uses them: they run beside the quick tests, which use one of the two cores, and
+    their fixtures wait for them."""
+    import threading
+
+    uses = set().union(*(item.fixturenames for item in request.session.items))
+    if "chain" in uses:
+        hub = request.getfixturevalue("hub_models")
+        root = request.getfixturevalue("tmp_path_factory").mktemp("chain")
+        args = _chain_args(root, hub)
+        _EARLY["chain"] = (root, args, start_job("run.py", *args, env=hub["env"]), hub)
+    if "ray_head" in uses:
+        from ray_head import start_head
+
+        hub = request.getfixturevalue("hub_models")
+        box: dict = {}
+
+        def start():
+            try:
+                box["head"] = start_head(hub["env"], free_port)
+            except BaseException as e:  # noqa: BLE001 - raised by `ray_head`, in the test that needs it
+                box["error"] = e
+
+        thread = threading.Thread(target=start, daemon=True)
+        thread.start()
+        _EARLY["ray_head"] = (thread, box)
+    yield
+    _EARLY.clear()
 
 
 @pytest.fixture(scope="session")
@@ -125,10 +188,18 @@ def hub_models(tiny_models, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="session")
 def ray_head(hub_models):
-    """A real 2-CPU Ray head (`ray start --head`, tests/ray_head.py) whose processes see the offline hub cache."""
+    """A real 2-CPU Ray head (`ray start --head`, tests/ray_head.py) whose processes see the offline hub cache,
+    started at the session's start (`_started_early`)."""
     from ray_head import start_head, stop_head
 
-    head = start_head(hub_models["env"], free_port)
+    if "ray_head" in _EARLY:
+        thread, box = _EARLY["ray_head"]
+        thread.join(300)
+        if "error" in box:
+            raise box["error"]
+        head = box["head"]
+    else:
+        head = start_head(hub_models["env"], free_port)
     yield head
     stop_head(head[3], head[4])
 
@@ -185,8 +256,15 @@ def chain(tmp_path_factory, hub_models):
     both trainings under ZeRO-3 with optimizer states and parameters offloaded to CPU memory (the teacher's SFT:
     full fine-tuning; the student's KD: LoRA). The chain's tests (tests/test_chain.py) and the serve tests (its
     quantized student) use its run root. Returns (run root, its overrides, the finished process, hub_models)."""
+    if "chain" in _EARLY:  # started with the session
+        root, args, job, hub = _EARLY["chain"]
+        return root, args, job.result(), hub
     root = tmp_path_factory.mktemp("chain")
-    args = ["debug=tiny", f"paths.run_root={root}", *hub_models["overrides"], "run.teacher_sft.enabled=true",
+    args = _chain_args(root, hub_models)
+    return root, args, run_job("run.py", *args, env=hub_models["env"]), hub_models
+
+
+def _chain_args(root: Path, hub_models: dict) -> list[str]:
+    return ["debug=tiny", f"paths.run_root={root}", *hub_models["overrides"], "run.teacher_sft.enabled=true",
             "train.lr=1e-2", "train.epochs=6", ALL_LINEAR, "deepspeed=zero3_offload",
             f"evaluate.baseline_path={root}/teacher_sft/student/model"]
-    return root, args, run_job("run.py", *args, env=hub_models["env"]), hub_models

@@ -144,7 +144,8 @@ def test_k_beyond_engine_limit_fails_before_any_work(tmp_path):
 
 
 def test_a_teacher_pool_the_local_ray_cannot_hold_is_refused(tmp_path):
-    """Ray Data would wait for the pool's third actor without end, and an embedded local Ray never grows."""
+    """Ray Data would wait for the pool's third actor without end, and an embedded local Ray never grows: refused
+    before any work (no Ray started, no teacher built)."""
     paths, _, _ = write_corpus(tmp_path / "corpus", 4, with_response=False)
     proc = label(tmp_path, paths, "label.concurrency=[3,3]", "label.num_cpus_per_actor=1", "cluster.num_cpus=2",
                  check=False)
@@ -154,7 +155,7 @@ def test_a_teacher_pool_the_local_ray_cannot_hold_is_refused(tmp_path):
         "label.concurrency[0], label.num_cpus_per_actor or label.num_gpus_per_actor, or raise cluster.num_cpus.")
     log = (tmp_path / "logs" / "label.log").read_text()
     assert "error: label.concurrency[0]=3" in log and "Started a local Ray instance" not in log
-    assert not (tmp_path / "labels").exists()
+    assert not (tmp_path / "labels").exists() and not (tmp_path / "models").exists()
     # reference mode runs no teacher, so a pool it would not start is no reason to refuse it: tested above, where
     # the reference run asks for a GPU per teacher actor on this machine without one
 

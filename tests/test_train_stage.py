@@ -61,7 +61,7 @@ def test_labels_from_another_tokenizer_are_refused(labeled, tmp_path):
 
 def test_a_worker_group_the_local_ray_cannot_hold_is_refused(labeled, tmp_path):
     """Ray Train would wait for a third worker's CPU without end, and an embedded local Ray never grows: the run
-    stops with one sentence before it starts a Ray (its CPUs are cluster.num_cpus)."""
+    stops with one sentence before any work: no Ray is started (its CPUs are cluster.num_cpus), no student built."""
     run_root = tmp_path / "run"
     run_root.mkdir()
     (run_root / "labels").symlink_to(labeled / "labels")
@@ -72,7 +72,7 @@ def test_a_worker_group_the_local_ray_cannot_hold_is_refused(labeled, tmp_path):
     log = (run_root / "logs" / "train.log").read_text()
     assert "Traceback" not in proc.stderr and "error: train.num_workers=3" in log
     assert "Started a local Ray instance" not in log  # cluster.num_cpus is known before Ray starts: none is started
-    assert not (run_root / "student" / "metrics.jsonl").exists()
+    assert not (run_root / "student" / "metrics.jsonl").exists() and not (run_root / "models").exists()
 
 
 def _train_workers(pid: int) -> list:

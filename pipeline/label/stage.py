@@ -92,18 +92,19 @@ def run(cfg: Any) -> dict[str, Any]:
     """Label the configured corpus with the configured teacher; returns the end-of-job summary."""
     import ray
 
-    from pipeline.runtime import Ask, init_ray
+    from pipeline.runtime import Ask, check_local_fit, init_ray
 
     stage = label_stage(cfg)
+    lab = stage.label
+    teachers = [Ask("label.concurrency[0]", lab.concurrency[0], "teacher actor",
+                    {"CPU": lab.num_cpus_per_actor, "GPU": lab.num_gpus_per_actor},
+                    "lower label.concurrency[0], label.num_cpus_per_actor or label.num_gpus_per_actor, or raise "
+                    "cluster.num_cpus")] if lab.mode != "reference" else []  # reference mode runs no teacher
+    check_local_fit(stage.cluster, *teachers)
     stage.teacher = pin_revision(stage.teacher, "teacher")  # every actor loads this commit of a hub teacher
     ensure_corpus(stage)
     manifest = check_resume(stage, build_manifest(stage))
-    lab = stage.label
-    teachers = Ask("label.concurrency[0]", lab.concurrency[0], "teacher actor",
-                   {"CPU": lab.num_cpus_per_actor, "GPU": lab.num_gpus_per_actor},
-                   "lower label.concurrency[0], label.num_cpus_per_actor or label.num_gpus_per_actor, or raise "
-                   "cluster.num_cpus")
-    init_ray(stage.cluster, *([teachers] if lab.mode != "reference" else []))  # reference mode runs no teacher
+    init_ray(stage.cluster, *teachers)
     write_manifest(stage.paths.labels_dir, manifest)
     Path(stage.paths.rejected_dir).mkdir(parents=True, exist_ok=True)
 

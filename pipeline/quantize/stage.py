@@ -97,12 +97,10 @@ def _weights_bytes(model_dir: Path) -> int:
     return sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
 
 
-def check_cluster_gpus(q: QuantizeConfig) -> None:
-    import ray
-
-    if q.num_gpus > 0 and ray.cluster_resources().get("GPU", 0) < q.num_gpus:
-        raise ConfigError(f"quantize.num_gpus={q.num_gpus} but the Ray cluster has "
-                          f"{ray.cluster_resources().get('GPU', 0):g} GPU(s); submit to a cluster with GPUs"
+def check_cluster_gpus(q: QuantizeConfig, gpus: float) -> None:
+    if q.num_gpus > 0 and gpus < q.num_gpus:
+        raise ConfigError(f"quantize.num_gpus={q.num_gpus} but the Ray cluster has {gpus:g} GPU(s); submit to a "
+                          "cluster with GPUs"
                           + (" (this method needs one)." if METHODS[q.method].needs_gpu else
                              ", or set quantize.num_gpus=0 to quantize on CPU."))
 
@@ -111,10 +109,12 @@ def run(cfg: Any) -> dict[str, Any]:
     """Quantize the student under the run root; returns the manifest written beside the model."""
     import ray
 
-    from pipeline.runtime import init_ray
+    from pipeline.runtime import init_ray, is_embedded, local_resources
 
     stage = quantize_stage(cfg)
     q, paths = stage.quantize, stage.paths
+    if is_embedded(stage.cluster):  # before a Ray that could not run the task starts
+        check_cluster_gpus(q, local_resources(stage.cluster)["GPU"])
     missing = missing_packages(q.method)
     if missing and not METHODS[q.method].needs_gpu:  # GPU methods are checked on the GPU worker
         raise ConfigError(f"quantize.method={q.method} needs the Python package(s) {missing}; install the "
@@ -132,7 +132,7 @@ def run(cfg: Any) -> dict[str, Any]:
         shutil.rmtree(old, ignore_errors=True)
     staging.parent.mkdir(parents=True, exist_ok=True)
     init_ray(stage.cluster)
-    check_cluster_gpus(q)
+    check_cluster_gpus(q, ray.cluster_resources().get("GPU", 0))
     spec = {"quantize": asdict(q), "kind": kind, "source": str(source), "base": base, "base_revision": base_revision,
             "staging": str(staging), "k": labels.k}
     task = ray.remote(num_cpus=q.num_cpus, num_gpus=q.num_gpus)(quantize_task)

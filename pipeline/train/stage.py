@@ -139,9 +139,15 @@ def run(cfg: Any) -> dict[str, Any]:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.runtime import Ask, init_ray, interruptible
+    from pipeline.runtime import Ask, check_local_fit, init_ray, interruptible
 
     stage = train_stage(cfg)
+    t = stage.train
+    workers = Ask("train.num_workers", t.num_workers, "worker",
+                  {"CPU": t.cpus_per_worker, "GPU": 1 if t.use_gpu else 0},
+                  "lower train.num_workers or train.cpus_per_worker, raise cluster.num_cpus, or set train.use_gpu=false "
+                  "on a machine without GPUs")
+    check_local_fit(stage.cluster, workers)
     stage.student = pin_revision(stage.student, "student")  # every worker loads this commit of a hub student
     manifest = read_manifest(stage.paths.labels_dir)
     current = resume_config(stage, manifest)
@@ -149,7 +155,6 @@ def run(cfg: Any) -> dict[str, Any]:
     shards = label_shards(stage)
     ensure_model(stage.student, "student")
     check_labels_match_student(manifest, stage)
-    t = stage.train
     ids = pa.concat_tables([pq.read_table(s, columns=["id"]) for s in shards]).column("id").to_pylist()
     fraction = stage.heldout_fraction
     keep = training_ids(ids, fraction, t.max_rows)
@@ -183,10 +188,7 @@ def run(cfg: Any) -> dict[str, Any]:
                  "train": asdict(t), "heldout_fraction": fraction, "loss": asdict(stage.loss),
                  "deepspeed": stage.deepspeed},
     )
-    init_ray(stage.cluster, Ask("train.num_workers", t.num_workers, "worker",
-                                {"CPU": t.cpus_per_worker, "GPU": 1 if t.use_gpu else 0},
-                                "lower train.num_workers or train.cpus_per_worker, raise cluster.num_cpus, or set "
-                                "train.use_gpu=false on a machine without GPUs"))
+    init_ray(stage.cluster, workers)
     def trained(i: str) -> bool:
         return i in keep if keep is not None else not is_heldout(i, fraction)
 
