@@ -234,6 +234,13 @@ class LossConfig:
 
         if self.divergence not in DIVERGENCES:
             raise ConfigError(f"loss.divergence={self.divergence!r} is not one of {sorted(DIVERGENCES)}.")
+        import inspect
+
+        takes = list(inspect.signature(DIVERGENCES[self.divergence]).parameters)[3:]  # after teacher, student, mask
+        unknown = sorted(set(self.divergence_kwargs) - set(takes))
+        if unknown:
+            raise ConfigError(f"loss.divergence_kwargs has {unknown}, which {self.divergence} does not take (it "
+                              f"takes {takes or 'none'}); remove them.")
         if not 0 <= self.alpha <= 1:
             raise ConfigError(f"loss.alpha={self.alpha} must be in [0, 1].")
         if self.temperature <= 0:

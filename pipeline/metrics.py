@@ -13,7 +13,7 @@ import re
 
 import torch
 
-from pipeline.losses.kd import bucket_logprobs, forward_kl, student_buckets
+from pipeline.losses.kd import forward_kl, student_buckets, teacher_buckets
 
 _NUMBER = re.compile(r"-?\d+")
 
@@ -41,7 +41,7 @@ def teacher_forced_sums(logits: torch.Tensor, labels: torch.Tensor, mask: torch.
     mask = mask.float()
     teacher_top1 = teacher_ids.gather(-1, teacher_logprobs.argmax(-1, keepdim=True)).squeeze(-1)
     agree = ((logits.argmax(-1) == teacher_top1).float() * mask).sum()
-    kl = forward_kl(bucket_logprobs(teacher_logprobs.float(), teacher_tail.float()),
+    kl = forward_kl(teacher_buckets(teacher_logprobs, teacher_tail),
                     student_buckets(logits, teacher_ids), mask) * mask.sum()
     nll = -(torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1) * mask).sum()
     return {"tokens": float(mask.sum()), "agree": float(agree), "kl": float(kl), "nll": float(nll)}

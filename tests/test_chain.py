@@ -162,6 +162,25 @@ def test_a_changed_setting_reruns_its_stage_and_downstream_only(chain, ray_head)
     assert [role for role, r in models.items() if r["reused"]] == ["teacher", "student", "sft_baseline"]
 
 
+def test_the_evaluate_stage_alone_as_a_ray_job(chain, ray_head):
+    """`ray_jobs/evaluate.py` submitted to the head on the chain's run root, with the teacher the chain trained (as
+    run.py derives evaluate's config): nothing changed since the chain's evaluations, so every model's results are
+    reused, none is generated again, and the report is written and printed anew."""
+    root, args, _, _ = chain
+    report = root / "eval" / "report.md"
+    before = report.stat().st_mtime_ns
+    mine = [a for a in args if not a.startswith(("teacher.name_or_path=", "teacher.build="))]
+    job = submit(ray_head, "ray_jobs/evaluate.py", *mine, f"teacher.name_or_path={root}/teacher_sft/student/model",
+                 "teacher.build=null")
+    assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-4000:] + job.stderr[-4000:]
+    reused = [line.split()[1] for line in job.stdout.splitlines()
+              if line.startswith("evaluate: ") and line.endswith("results reused")]
+    assert reused == ["teacher", "student", "quantized", "sft_baseline"], job.stdout[-4000:]
+    assert "# Evaluation on 24 held-out rows" in job.stdout and report.stat().st_mtime_ns > before
+    models = json.loads((root / "eval" / "metrics.json").read_text())["models"]
+    assert all(r["reused"] for r in models.values())
+
+
 def test_evaluate_takes_hub_models_as_models_not_folders(chain, monkeypatch):
     """The evaluate stage with a hub teacher and a hub baseline (no SFT teacher): each is pinned to its commit, and
     its size and parameters come from the cache, where the stage used to list a local folder of that name after

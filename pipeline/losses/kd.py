@@ -10,12 +10,32 @@ Shapes: B batch, S sequence, V vocabulary, k top-k. Masks are 1 where a position
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+
+# an empty tail bucket (no mass outside the top-k): finite, so gradients stay finite, and still nothing after a
+# temperature (exp(-1e4 / T) is 0 in float32 for any T below ~100)
+EMPTY_TAIL = -1e4
+
 
 def bucket_logprobs(logprobs_topk: torch.Tensor, tail_logprob: torch.Tensor) -> torch.Tensor:
     """[..., k] top-k logprobs and [...] tail logprob → [..., k+1] bucket logprobs."""
     return torch.cat([logprobs_topk, tail_logprob.unsqueeze(-1)], dim=-1)
+
+
+def teacher_buckets(logprobs_topk: torch.Tensor, tail_logprob: torch.Tensor) -> torch.Tensor:
+    """Stored teacher labels → bucket logprobs [..., k+1] (T=1). The label codec floors the tail at
+    `MIN_TAIL_LOGPROB` (e^-30) so that log 0 is never stored; a tail at that floor is empty, and is made so here:
+    at a temperature T the floor would otherwise become e^(-30/T) of the mass (5e-4 at T=4), which the student,
+    whose tail is truly empty when k is the vocabulary, can never match. (Decoding renormalises the quantised
+    top-k, which moves the floor by up to a few hundredths of a nat: within half a nat of it counts as empty.)"""
+    from pipeline.data.schema import MIN_TAIL_LOGPROB
+
+    tail = tail_logprob.float()
+    tail = torch.where(tail <= MIN_TAIL_LOGPROB + 0.5, torch.full_like(tail, EMPTY_TAIL), tail)
+    return bucket_logprobs(logprobs_topk.float(), tail)
 
 
 def student_buckets(student_logits: torch.Tensor, teacher_ids: torch.Tensor) -> torch.Tensor:
@@ -23,10 +43,9 @@ def student_buckets(student_logits: torch.Tensor, teacher_ids: torch.Tensor) -> 
     logits = student_logits.float()
     log_z = torch.logsumexp(logits, dim=-1, keepdim=True)
     top = logits.gather(-1, teacher_ids) - log_z
-    # the tail as a logsumexp over the other ids (exact, unlike log(1 - sum p_topk)); an empty tail becomes
-    # a finite -1e4 so gradients stay finite
+    # the tail as a logsumexp over the other ids (exact, unlike log(1 - sum p_topk)); an empty one is EMPTY_TAIL
     rest = logits.scatter(-1, teacher_ids, float("-inf"))
-    tail = (torch.logsumexp(rest, dim=-1) - log_z.squeeze(-1)).clamp(min=-1e4)
+    tail = (torch.logsumexp(rest, dim=-1) - log_z.squeeze(-1)).clamp(min=EMPTY_TAIL)
     return bucket_logprobs(top, tail)
 
 
@@ -74,15 +93,16 @@ def generalized_jsd(teacher_log: torch.Tensor, student_log: torch.Tensor, mask: 
     return _masked_mean(per_pos, mask)
 
 
-def skew_kl(teacher_log: torch.Tensor, student_log: torch.Tensor, mask: torch.Tensor, alpha: float = 0.1,
+def skew_kl(teacher_log: torch.Tensor, student_log: torch.Tensor, mask: torch.Tensor, skew: float = 0.1,
             reverse: bool = False) -> torch.Tensor:
-    """DistiLLM's skew KL: KL(p ‖ α·p + (1−α)·q); `reverse` gives KL(q ‖ α·q + (1−α)·p). α=0 is plain KL."""
+    """DistiLLM's skew KL: KL(p ‖ s·p + (1−s)·q); `reverse` gives KL(q ‖ s·q + (1−s)·p). s=0 is plain KL.
+    (DistiLLM calls s α; here α is the hard-label weight of `distillation_loss`.)"""
     import math
 
     a, b = (student_log, teacher_log) if reverse else (teacher_log, student_log)
-    if alpha <= 0:
+    if skew <= 0:
         return _masked_mean(_kl(a, b), mask)
-    mix = torch.logsumexp(torch.stack([a + math.log(alpha), b + math.log(1 - alpha)]), dim=0)
+    mix = torch.logsumexp(torch.stack([a + math.log(skew), b + math.log(1 - skew)]), dim=0)
     return _masked_mean(_kl(a, mix), mask)
 
 
@@ -109,7 +129,17 @@ def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, mask: 
     ce = hard_ce(student_logits, labels, mask)
     if alpha >= 1:
         return {"loss": ce, "ce": ce, "kd": torch.zeros_like(ce)}
-    t_log = temper(bucket_logprobs(teacher_logprobs.float(), teacher_tail.float()), temperature)
+    t_log = temper(teacher_buckets(teacher_logprobs, teacher_tail), temperature)
     s_log = temper(student_buckets(student_logits, teacher_ids), temperature)
     kd = DIVERGENCES[divergence](t_log, s_log, mask, **divergence_kwargs)
     return {"loss": alpha * ce + (1 - alpha) * temperature**2 * kd, "ce": ce, "kd": kd}
+
+
+def configured_loss(student_logits: torch.Tensor, batch: dict[str, torch.Tensor],
+                    loss: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """`distillation_loss` of a collated batch (pipeline/data/batches.py: labels, loss_mask, teacher_ids,
+    teacher_logprobs, teacher_tail) under a `loss` config group (conf/loss/*.yaml) as a dict: a training step's loss."""
+    return distillation_loss(student_logits, batch["labels"], batch["loss_mask"], batch["teacher_ids"],
+                             batch["teacher_logprobs"], batch["teacher_tail"], alpha=loss["alpha"],
+                             temperature=loss["temperature"], divergence=loss["divergence"],
+                             **loss["divergence_kwargs"])

@@ -121,7 +121,7 @@ def train_loop(config: dict[str, Any]) -> None:
     import torch.distributed as dist
     from transformers import get_scheduler
 
-    from pipeline.losses.kd import distillation_loss
+    from pipeline.losses.kd import configured_loss
     from pipeline.data.batches import collate
     from pipeline.train import sequence_parallel as sp
 
@@ -175,10 +175,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 batch = sp.split(batch, mpu.get_sequence_parallel_rank(), sp_size, spec.micro_batch_size)
                 weight = sp.loss_weight(batch["loss_mask"], batch["total_tokens"])
                 logits = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
-            losses = distillation_loss(logits, batch["labels"], batch["loss_mask"], batch["teacher_ids"],
-                                       batch["teacher_logprobs"], batch["teacher_tail"], alpha=spec.loss["alpha"],
-                                       temperature=spec.loss["temperature"], divergence=spec.loss["divergence"],
-                                       **spec.loss["divergence_kwargs"])
+            losses = configured_loss(logits, batch, spec.loss)
             engine.backward(losses["loss"] * (weight * sp_size))
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
