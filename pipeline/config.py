@@ -183,6 +183,7 @@ class TrainConfig:
     lr_schedule: str = "cosine"
     grad_clip: float = 1.0
     gradient_checkpointing: bool = False
+    loss_chunk_tokens: int = 1024
     lora: LoraConfig = field(default_factory=LoraConfig)
     checkpoint_every: int = 50
     report_every: int = 10
@@ -208,6 +209,9 @@ class TrainConfig:
             raise ConfigError(f"train.lr_schedule={self.lr_schedule!r}; use constant, linear or cosine.")
         if self.max_rows is not None and self.max_rows < 1:
             raise ConfigError(f"train.max_rows={self.max_rows} must be a number of rows (at least 1) or null for all.")
+        if self.loss_chunk_tokens < 0:
+            raise ConfigError(f"train.loss_chunk_tokens={self.loss_chunk_tokens} must be 0 (full logits) or a number "
+                              "of positions.")
         if self.cache_shard_mb < 0:
             raise ConfigError(f"train.cache_shard_mb={self.cache_shard_mb} must be 0 (off) or a size in MiB.")
         if not self.report_poll_s > 0:

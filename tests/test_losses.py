@@ -193,3 +193,79 @@ def test_stored_labels_holding_all_the_mass_give_the_exact_divergence(divergence
     q = torch.log_softmax(student / temperature, -1)
     exact = _full_divergence(divergence, p, q, **kwargs)
     assert torch.allclose(out["kd"].double(), exact, rtol=1e-4, atol=0), (out["kd"].item(), exact.item())
+
+
+def _fused_case(seed: int = 0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, S, 16, generator=g, dtype=dtype)
+    head = torch.nn.Linear(16, V, bias=False).to(dtype)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(V, 16, generator=g, dtype=dtype) * 0.5)
+    ids, lps, tail = _teacher_topk(torch.randn(B, S, V, generator=g, dtype=torch.float64) * 2, k=8)
+    labels = torch.randint(0, V, (B, S), generator=g)
+    mask = torch.ones(B, S)
+    mask[0, :2] = 0  # a prompt: not scored
+    return hidden, head, labels, mask, ids, lps.to(dtype), tail.to(dtype)
+
+
+@pytest.mark.parametrize("alpha,divergence,kwargs", [(0.3, "forward_kl", {}), (0.0, "reverse_kl", {}),
+                                                     (0.0, "jsd", {"beta": 0.5}), (0.2, "skew_kl", {"skew": 0.1}),
+                                                     (1.0, "forward_kl", {})])
+def test_the_fused_chunked_loss_gives_the_same_values_and_gradients(alpha, divergence, kwargs):
+    """The LM head applied chunk by chunk (3 positions at a time here) under checkpointing: the same loss, CE and
+    divergence as `distillation_loss` on the full logits, and the same gradients for the hidden states and the
+    head's weight (1e-5)."""
+    from pipeline.losses.kd import fused_distillation_loss
+
+    results = []
+    for fused in (False, True):
+        hidden, head, labels, mask, ids, lps, tail = _fused_case()
+        hidden.requires_grad_(True)
+        common = dict(alpha=alpha, temperature=2.0, divergence=divergence, **kwargs)
+        if fused:
+            out = fused_distillation_loss(hidden, head, labels, mask, ids, lps, tail, chunk_tokens=3, **common)
+        else:
+            out = distillation_loss(head(hidden), labels, mask, ids, lps, tail, **common)
+        out["loss"].backward()
+        results.append((out, hidden.grad, head.weight.grad))
+    (want, want_h, want_w), (got, got_h, got_w) = results
+    for key in ("loss", "ce", "kd"):
+        assert torch.allclose(got[key].double(), want[key].double(), rtol=1e-5, atol=1e-7), key
+    assert torch.allclose(got_h, want_h, rtol=1e-5, atol=1e-8)
+    assert torch.allclose(got_w, want_w, rtol=1e-5, atol=1e-8)
+
+
+def test_the_fused_loss_with_lora_on_the_lm_head(tiny_models):
+    """The tiny student with LoRA on every linear layer and on the LM head: the fused loss from the decoder's hidden
+    states through the LoRA-wrapped head gives the values and LoRA gradients of the loss on the model's logits."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.losses.kd import fused_distillation_loss
+
+    g = torch.Generator().manual_seed(3)
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_pretrained(tiny_models["student"], dtype=torch.float32)
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, task_type="CAUSAL_LM",
+                                                target_modules=["q_proj", "v_proj", "lm_head"]))
+        vocab = base.config.vocab_size
+        ids = torch.randint(3, vocab, (2, 12), generator=torch.Generator().manual_seed(1))
+        t_ids, t_lps, t_tail = _teacher_topk(torch.randn(2, 11, vocab, generator=g.manual_seed(2),
+                                                         dtype=torch.float64), k=8)
+        mask = torch.ones(2, 11)
+        args = (ids[:, 1:], mask, t_ids, t_lps.float(), t_tail.float())
+        if fused:
+            hidden = base.model(input_ids=ids).last_hidden_state[:, :-1]
+            out = fused_distillation_loss(hidden, base.lm_head, *args, alpha=0.3, temperature=2.0, chunk_tokens=5)
+        else:
+            out = distillation_loss(model(input_ids=ids).logits[:, :-1], *args, alpha=0.3, temperature=2.0)
+        out["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        assert any("lm_head" in n for n in grads)
+        results.append((out["loss"].item(), grads))
+    (want, want_g), (got, got_g) = results
+    assert got == pytest.approx(want, rel=1e-5)
+    for name, grad in want_g.items():
+        assert torch.allclose(got_g[name], grad, rtol=1e-4, atol=1e-7), name

@@ -1,4 +1,5 @@
-"""Ulysses sequence parallelism: 2 gloo ranks splitting each sequence give the unsplit loss and gradients.
+"""Ulysses sequence parallelism: 2 gloo ranks splitting each sequence give the unsplit loss and gradients, with the
+loss on the model's logits and with the LM head fused into the loss (pipeline/losses/kd.py).
 
 Real DeepSpeed `UlyssesSPAttentionHF` all-to-alls over a real 2-process gloo group, on a tiny Qwen2 with
 more query heads than key/value heads (the replicated-kv path), right-padded rows of different lengths and
@@ -13,7 +14,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from pipeline.losses.kd import distillation_loss
+from pipeline.losses.kd import distillation_loss, fused_distillation_loss
 from pipeline.train import sequence_parallel as sp
 
 K, B = 8, 3
@@ -64,16 +65,27 @@ def _rank(rank: int, port: int, model_dir: str, out: str) -> None:
     sp.register(model, 2, B)
     full = _batch(model.config.vocab_size)
     part = sp.split(full, rank, 2, B)
-    logits = model(input_ids=part["input_ids"], position_ids=part["position_ids"]).logits
-    loss = _loss(model, part, logits) * sp.loss_weight(part["loss_mask"], part["total_tokens"])
-    loss.backward()
-    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
-    for g in grads.values():
-        dist.all_reduce(g)
-    total = loss.detach().clone()
-    dist.all_reduce(total)
+    results = {}
+    for fused in (False, True):  # the loss on the model's logits; the LM head fused into the loss, 4 rows a chunk
+        inputs = dict(input_ids=part["input_ids"], position_ids=part["position_ids"])
+        if fused:
+            hidden = model.model(**inputs).last_hidden_state
+            loss = fused_distillation_loss(hidden, model.lm_head, part["labels"], part["loss_mask"],
+                                           part["teacher_ids"], part["teacher_logprobs"], part["teacher_tail"],
+                                           chunk_tokens=4, **LOSS)["loss"]
+        else:
+            loss = _loss(model, part, model(**inputs).logits)
+        loss = loss * sp.loss_weight(part["loss_mask"], part["total_tokens"])
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        for g in grads.values():
+            dist.all_reduce(g)
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        results[fused] = {"loss": total, "grads": grads}
     if rank == 0:
-        torch.save({"loss": total, "grads": grads}, out)
+        torch.save(results, out)
     dist.destroy_process_group()
 
 
@@ -111,10 +123,10 @@ def test_two_ranks_match_the_unsplit_loss_and_gradients(student_dir, tmp_path):
         port = s.getsockname()[1]
     out = str(tmp_path / "rank0.pt")
     mp.start_processes(_rank, args=(port, student_dir, out), nprocs=2, start_method="spawn", join=True)
-    split = torch.load(out)
-    assert split["loss"].item() == pytest.approx(reference.item(), rel=1e-5)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(split["grads"][name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    for fused, split in torch.load(out).items():  # the loss on full logits, and the fused chunked loss
+        assert split["loss"].item() == pytest.approx(reference.item(), rel=1e-5), fused
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(split["grads"][name], p.grad, rtol=1e-4, atol=1e-6, msg=f"{name} {fused}")
 
 
 def test_heads_that_do_not_split_are_refused():

@@ -10,6 +10,7 @@ Shapes: B batch, S sequence, V vocabulary, k top-k. Masks are 1 where a position
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -135,11 +136,74 @@ def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, mask: 
     return {"loss": alpha * ce + (1 - alpha) * temperature**2 * kd, "ce": ce, "kd": kd}
 
 
-def configured_loss(student_logits: torch.Tensor, batch: dict[str, torch.Tensor],
-                    loss: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """`distillation_loss` of a collated batch (pipeline/data/batches.py: labels, loss_mask, teacher_ids,
-    teacher_logprobs, teacher_tail) under a `loss` config group (conf/loss/*.yaml) as a dict: a training step's loss."""
-    return distillation_loss(student_logits, batch["labels"], batch["loss_mask"], batch["teacher_ids"],
-                             batch["teacher_logprobs"], batch["teacher_tail"], alpha=loss["alpha"],
-                             temperature=loss["temperature"], divergence=loss["divergence"],
-                             **loss["divergence_kwargs"])
+def configured_loss(student_logits: torch.Tensor, batch: dict[str, torch.Tensor], loss: dict[str, Any],
+                    head: torch.nn.Module | None = None, chunk_tokens: int = 1024, chunks: int | None = None,
+                    partitioned: bool = False) -> dict[str, torch.Tensor]:
+    """A training step's loss: `distillation_loss` of a collated batch (pipeline/data/batches.py: labels,
+    loss_mask, teacher_ids, teacher_logprobs, teacher_tail) under a `loss` config group (conf/loss/*.yaml) as a
+    dict. With `head`, `student_logits` are the decoder's hidden states and the LM head is fused into the loss
+    (`fused_distillation_loss`, `chunk_tokens` positions at a time, at least `chunks` chunks)."""
+    args = (batch["labels"], batch["loss_mask"], batch["teacher_ids"], batch["teacher_logprobs"],
+            batch["teacher_tail"])
+    kwargs = dict(alpha=loss["alpha"], temperature=loss["temperature"], divergence=loss["divergence"],
+                  **loss["divergence_kwargs"])
+    if head is not None:
+        return fused_distillation_loss(student_logits, head, *args, chunk_tokens=chunk_tokens, chunks=chunks,
+                                       partitioned=partitioned, **kwargs)
+    return distillation_loss(student_logits, *args, **kwargs)
+
+
+def fused_distillation_loss(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, mask: torch.Tensor,
+                            teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor, teacher_tail: torch.Tensor,
+                            alpha: float = 0.3, temperature: float = 2.0, divergence: str = "forward_kl",
+                            chunk_tokens: int = 1024, chunks: int | None = None, partitioned: bool = False,
+                            **divergence_kwargs) -> dict[str, torch.Tensor]:
+    """`distillation_loss` of `head(hidden)` with the LM head fused in: the logits of at most `chunk_tokens`
+    positions exist at a time, in float32, instead of [B, S, V] and its float32 copies.
+
+    hidden [B, S, H] (the decoder's last hidden states); head the LM head module (a LoRA-wrapped one included);
+    the rest as `distillation_loss`. Only scored positions (mask > 0) go through the head. Each chunk's CE and
+    divergence sums are taken under activation checkpointing, so its logits are freed after the forward pass and
+    recomputed in the backward pass. `chunks`: run at least this many chunks (empty ones cost one row each), for
+    ranks whose head calls must match in number (DeepSpeed ZeRO-3 gathers the head's weight at every call).
+    `partitioned`: the head's weight is partitioned between calls (DeepSpeed ZeRO-3, whose hooks gather it for the
+    recomputation and its backward pass): the checkpoint's check that recomputed tensors match the saved ones,
+    which would see the weight's empty placeholder, is left out.
+    Returns {"loss", "ce", "kd"} equal to `distillation_loss` on the full logits (to float rounding)."""
+    from torch.utils.checkpoint import checkpoint
+
+    def positions(t: torch.Tensor) -> torch.Tensor:  # [B, S, ...] → [B·S, ...]
+        return t.flatten(0, 1)
+
+    scored = positions(mask) > 0
+    every = (positions(hidden), positions(labels), positions(mask).float(),
+             *((positions(teacher_ids), positions(teacher_logprobs), positions(teacher_tail)) if alpha < 1 else ()))
+    picked = [t[scored] for t in every]
+    padding = [t[:1] for t in every]
+    padding[2] = padding[2] * 0  # a row of weight 0
+    n = mask.float().sum().clamp(min=1)
+    ce_sum = kd_sum = every[0].sum().float() * 0.0  # on the graph: nothing scored still backpropagates
+    for i in range(max(math.ceil(picked[0].shape[0] / chunk_tokens), chunks or 0)):
+        args = [t[i * chunk_tokens:(i + 1) * chunk_tokens] for t in picked]
+        ce_part, kd_part = checkpoint(_chunk_sums, head, temperature, divergence, divergence_kwargs,
+                                      *(args if args[0].shape[0] else padding), use_reentrant=False,
+                                      determinism_check="none" if partitioned else "default")
+        ce_sum, kd_sum = ce_sum + ce_part, kd_sum + kd_part
+    ce, kd = ce_sum / n, kd_sum / n
+    if alpha >= 1:
+        return {"loss": ce, "ce": ce, "kd": torch.zeros_like(ce)}
+    return {"loss": alpha * ce + (1 - alpha) * temperature**2 * kd, "ce": ce, "kd": kd}
+
+
+def _chunk_sums(head, temperature, divergence, divergence_kwargs, h, y, w, *teacher):
+    """Weighted sums of CE and of the divergence over one chunk of positions (the chunk's logits live only here)."""
+    logits = head(h).float()
+    ce = (F.cross_entropy(logits, y, reduction="none") * w).sum()
+    if not teacher:
+        return ce, torch.zeros_like(ce)
+    ids, lps, tail = teacher
+    t_log = temper(teacher_buckets(lps, tail), temperature)
+    s_log = temper(student_buckets(logits, ids), temperature)
+    # a divergence is a weighted mean; times the chunk's weight it is the chunk's weighted sum
+    kd = DIVERGENCES[divergence](t_log, s_log, w, **divergence_kwargs) * w.sum().clamp(min=1)
+    return ce, kd

@@ -83,7 +83,7 @@ def label_shards(stage: TrainStage) -> list[str]:
 # writes at the end, how it uses the machine; not what its checkpoints hold
 RESUMABLE = ("epochs", "max_steps", "checkpoint_every", "keep_checkpoints", "report_every", "report_poll_s",
              "max_failures", "merge", "max_eval_rows", "overwrite", "cpus_per_worker", "cache_shard_mb",
-             "gradient_checkpointing")
+             "gradient_checkpointing", "loss_chunk_tokens")
 RUN_CONFIG = "ray-distill-train.json"  # in paths.train_storage, beside Ray Train's run folder
 # what the stage writes into paths.student_dir (all that train.overwrite removes there)
 STUDENT_OUTPUTS = ("adapter", "model", "lineage.json", "metrics.jsonl", "eval.jsonl", "loss.png")
@@ -177,6 +177,7 @@ def run(cfg: Any) -> dict[str, Any]:
         micro_batch_size=t.micro_batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
         max_seq_len=t.max_seq_len, lr=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps,
         lr_schedule=t.lr_schedule, grad_clip=t.grad_clip, gradient_checkpointing=t.gradient_checkpointing,
+        loss_chunk_tokens=t.loss_chunk_tokens,
         total_steps=total_steps, micro_per_epoch=micro_per_epoch, checkpoint_every=t.checkpoint_every, report_every=t.report_every,
         k=manifest.k, loss=asdict(stage.loss), deepspeed=stage.deepspeed, student_dir=stage.paths.student_dir,
         merge=t.merge, seed=t.seed, sequence_parallel_size=t.sequence_parallel_size, cache_shard_mb=t.cache_shard_mb,

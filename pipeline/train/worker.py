@@ -37,6 +37,7 @@ class WorkerSpec:
     lr_schedule: str
     grad_clip: float
     gradient_checkpointing: bool
+    loss_chunk_tokens: int
     total_steps: int
     micro_per_epoch: int
     checkpoint_every: int
@@ -149,6 +150,9 @@ def train_loop(config: dict[str, Any]) -> None:
         if rank == 0:
             print(f"train: resuming from the checkpoint of step {engine.global_steps}", flush=True)
     pad = getattr(model.config, "pad_token_id", None) or 0
+    hidden = DecoderOutput(model) if spec.loss_chunk_tokens else None
+    no_logits = {"logits_to_keep": torch.empty(0, dtype=torch.long)} if hidden else {}  # the loss makes its own
+    zero3 = spec.deepspeed.get("zero_optimization", {}).get("stage", 0) == 3
     shard = ray.train.get_dataset_shard("train")
     consumed = engine.global_steps * spec.gradient_accumulation_steps
     metrics_path = Path(spec.student_dir) / "metrics.jsonl"
@@ -170,12 +174,19 @@ def train_loop(config: dict[str, Any]) -> None:
             batch = collate(rows, k=spec.k, max_seq_len=spec.max_seq_len, pad_id=pad)
             if mpu is None:
                 weight = 1.0
-                logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+                out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **no_logits)
+                logits = (hidden.value if hidden else out.logits)[:, :-1]
             else:
                 batch = sp.split(batch, mpu.get_sequence_parallel_rank(), sp_size, spec.micro_batch_size)
                 weight = sp.loss_weight(batch["loss_mask"], batch["total_tokens"])
-                logits = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
-            losses = configured_loss(logits, batch, spec.loss)
+                out = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"], **no_logits)
+                logits = hidden.value if hidden else out.logits
+            if hidden:  # the decoder's hidden states; the loss applies the LM head chunk by chunk
+                chunks = _most_chunks(batch["loss_mask"], spec.loss_chunk_tokens) if zero3 else None
+                losses = configured_loss(logits, batch, spec.loss, model.get_output_embeddings(),
+                                         spec.loss_chunk_tokens, chunks, partitioned=zero3)
+            else:
+                losses = configured_loss(logits, batch, spec.loss)
             engine.backward(losses["loss"] * (weight * sp_size))
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
@@ -208,6 +219,32 @@ def train_loop(config: dict[str, Any]) -> None:
                 break
     heldout()
     _save_student(engine, spec, rank)
+
+
+class DecoderOutput:
+    """The decoder's last hidden states of the latest forward pass (a forward hook on the model's decoder), for the
+    fused loss, which applies the LM head itself; the model is then asked for no logits (`logits_to_keep` an empty
+    index), so neither its forward pass nor DeepSpeed's hooks around it change."""
+
+    def __init__(self, model):
+        self.value = None
+        model.get_decoder().register_forward_hook(self._keep)
+
+    def _keep(self, module, args, output) -> None:  # noqa: ARG002 - hook signature
+        self.value = output[0]
+
+
+def _most_chunks(mask, chunk_tokens: int) -> int:
+    """The most chunks any rank's fused loss runs for this micro-batch: under ZeRO-3 every call of the LM head
+    gathers its weight from all ranks, so every rank makes the same number of calls."""
+    import math
+
+    import torch
+    import torch.distributed as dist
+
+    count = torch.tensor([math.ceil(int((mask > 0).sum()) / chunk_tokens)], dtype=torch.long)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    return int(count.item())
 
 
 def evaluate_heldout(engine, spec: WorkerSpec, mpu, data_ranks: int, pad: int, rank: int) -> None:
