@@ -183,7 +183,7 @@ class TrainConfig:
     lr_schedule: str = "cosine"
     grad_clip: float = 1.0
     gradient_checkpointing: bool = False
-    loss_chunk_tokens: int = 1024
+    loss_chunk_tokens: int = 0
     lora: LoraConfig = field(default_factory=LoraConfig)
     checkpoint_every: int = 50
     report_every: int = 10

@@ -254,8 +254,9 @@ ALL_LINEAR = "train.lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,u
 def chain(tmp_path_factory, hub_models):
     """One tiny chain run (ray_jobs/run.py: SFT teacher → label → train → quantize → evaluate) on the hub models,
     both trainings under ZeRO-3 with optimizer states and parameters offloaded to CPU memory (the teacher's SFT:
-    full fine-tuning; the student's KD: LoRA). The chain's tests (tests/test_chain.py) and the serve tests (its
-    quantized student) use its run root. Returns (run root, its overrides, the finished process, hub_models)."""
+    full fine-tuning; the student's KD: LoRA), with the LM head fused into the loss (64 positions a chunk). The
+    chain's tests (tests/test_chain.py) and the job-submitted serve test (its quantized student) use its run root.
+    Returns (run root, its overrides, the finished process, hub_models)."""
     if "chain" in _EARLY:  # started with the session
         root, args, job, hub = _EARLY["chain"]
         return root, args, job.result(), hub
@@ -266,5 +267,5 @@ def chain(tmp_path_factory, hub_models):
 
 def _chain_args(root: Path, hub_models: dict) -> list[str]:
     return ["debug=tiny", f"paths.run_root={root}", *hub_models["overrides"], "run.teacher_sft.enabled=true",
-            "train.lr=1e-2", "train.epochs=6", ALL_LINEAR, "deepspeed=zero3_offload",
+            "train.lr=1e-2", "train.epochs=6", ALL_LINEAR, "deepspeed=zero3_offload", "train.loss_chunk_tokens=64",
             f"evaluate.baseline_path={root}/teacher_sft/student/model"]
