@@ -61,9 +61,10 @@ def check_local_fit(cluster: ClusterConfig, *asks: Ask) -> None:
     this before its first piece of work (building a model, reading a corpus); `init_ray` calls it again."""
     import ray
 
-    if is_embedded(cluster) and not ray.is_initialized():
+    if asks and is_embedded(cluster) and not ray.is_initialized():
+        have = local_resources(cluster)
         for ask in asks:
-            _check(cluster, ask, local_resources(cluster))
+            _check(cluster, ask, have)
 
 
 def local_resources(cluster: ClusterConfig) -> dict[str, float]:

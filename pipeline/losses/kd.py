@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from pipeline.data.schema import MIN_TAIL_LOGPROB
+
 # an empty tail bucket (no mass outside the top-k): finite, so gradients stay finite, and still nothing after a
 # temperature (exp(-1e4 / T) is 0 in float32 for any T below ~100)
 EMPTY_TAIL = -1e4
@@ -32,8 +34,6 @@ def teacher_buckets(logprobs_topk: torch.Tensor, tail_logprob: torch.Tensor) -> 
     at a temperature T the floor would otherwise become e^(-30/T) of the mass (5e-4 at T=4), which the student,
     whose tail is truly empty when k is the vocabulary, can never match. (Decoding renormalises the quantised
     top-k, which moves the floor by up to a few hundredths of a nat: within half a nat of it counts as empty.)"""
-    from pipeline.data.schema import MIN_TAIL_LOGPROB
-
     tail = tail_logprob.float()
     tail = torch.where(tail <= MIN_TAIL_LOGPROB + 0.5, torch.full_like(tail, EMPTY_TAIL), tail)
     return bucket_logprobs(logprobs_topk.float(), tail)
