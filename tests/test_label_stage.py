@@ -58,6 +58,10 @@ def test_every_row_is_labeled_or_rejected_with_a_reason(labeled_run):
     # a local teacher is pinned by its weights' hash, a hub teacher (the generate run's) by its commit
     assert manifest["teacher"].get("weights_sha256") or len(manifest["teacher"]["revision"]) == 40, manifest["teacher"]
     assert manifest["summary"]["rows_read"] == labeled_run["total"]
+    run = manifest["summary"]["this_run"]  # the last run's steady rate, from its teacher actor's engine calls
+    assert run["engine_actors"] <= 1 and run["steady_tokens"] <= run["tokens"], run
+    if labeled_run["mode"] == "score":  # a whole run: 16 good rows in batches of 8, so more than one call
+        assert run["engine_actors"] == 1 and run["steady_tokens_per_s"] > 0 and 0 < run["engine_busy"] <= 1, run
     assert "rows read" in labeled_run["proc"].stdout and "bytes per scored token" in labeled_run["proc"].stdout
 
 

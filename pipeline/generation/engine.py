@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
+import socket
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +22,11 @@ import pyarrow as pa
 from pipeline.data.schema import LABEL_SCHEMA, LOGPROB_CODES, LOGPROB_STEP, encode_topk
 
 log = logging.getLogger(__name__)
-LABELED_SCHEMA = pa.schema(list(LABEL_SCHEMA) + [pa.field("reason", pa.string())])
+# when the engine call that produced a row ran (the actor, the call's start and end, wall clock): what the label
+# stage's steady rate is measured from (first to last output of each actor); not stored with the labels
+ENGINE_TIMING = [pa.field("engine_actor", pa.string()), pa.field("engine_started", pa.float64()),
+                 pa.field("engine_finished", pa.float64())]
+LABELED_SCHEMA = pa.schema(list(LABEL_SCHEMA) + [pa.field("reason", pa.string())] + ENGINE_TIMING)
 
 
 @dataclass(frozen=True)
@@ -104,20 +111,23 @@ class VLLMGenerator:
     """Ray Data UDF: PREPARED rows in, LABELED rows out (rows with a reason pass through untouched)."""
 
     def __init__(self, spec: EngineSpec):
-        import os
-
         if spec.in_process:  # engine core and worker in this actor: no two processes that import torch and vLLM
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM
 
         self.spec = spec
         self.llm = LLM(**engine_kwargs(spec))
+        self.actor = f"{socket.gethostname()}:{os.getpid()}"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         todo = [i for i, r in enumerate(rows) if r["reason"] is None]
         if todo:
+            started = time.time()
             self._label(rows, todo)
+            timing = {"engine_actor": self.actor, "engine_started": started, "engine_finished": time.time()}
+            for i in todo:
+                rows[i].update(timing)
         return pa.Table.from_pylist([_complete(r) for r in rows], schema=LABELED_SCHEMA)
 
     def _label(self, rows: list[dict], todo: list[int]) -> None:

@@ -142,12 +142,11 @@ def teacher_spec(stage: LabelStage) -> EngineSpec:
 
 
 def _consume(ds, resumed: int, corpus_rows: int | None) -> dict[str, Any]:
-    """Drive the dataset to the end, with a progress bar; tokens/s both overall and in steady state
-    (first write to last, which leaves out engine start-up — what a long run converges to)."""
+    """Drive the dataset to the end, with a progress bar; tokens/s overall and in steady state (`steady_rate`)."""
     from pipeline.console import progress
 
     totals = {"labeled": 0, "rejected": 0, "tokens": 0, "bytes": 0}
-    writes: list[tuple[float, int]] = []
+    calls: list[dict[str, Any]] = []
     start = time.perf_counter()
     total = corpus_rows - resumed if corpus_rows is not None else None
     with progress(desc="label: rows", unit="row", total=total) as bar:
@@ -155,19 +154,41 @@ def _consume(ds, resumed: int, corpus_rows: int | None) -> dict[str, Any]:
             stats = {k: batch.column(k).to_pylist() for k in batch.column_names}
             for key in totals:
                 totals[key] += sum(stats[key])
-            writes.extend(zip(stats["written_at"], stats["tokens"]))
+            calls.extend(c for write in stats["engine_calls"] for c in write)
             bar.update(sum(stats["labeled"]) + sum(stats["rejected"]))
             bar.set_postfix(rejected=totals["rejected"], tok_s=f"{totals['tokens'] / (time.perf_counter() - start):.0f}")
     seconds = time.perf_counter() - start
-    writes.sort()
-    span = writes[-1][0] - writes[0][0] if len(writes) > 1 else 0.0
-    steady = sum(t for _, t in writes[1:]) / span if span > 0 else None
     return {
         "this_run": {**totals, "seconds": round(seconds, 2),
-                     "tokens_per_s": round(totals["tokens"] / seconds, 1) if seconds else 0.0,
-                     "steady_tokens_per_s": round(steady, 1) if steady else None},
+                     "tokens_per_s": round(totals["tokens"] / seconds, 1) if seconds else 0.0, **steady_rate(calls)},
         "resumed_rows": resumed,
     }
+
+
+def steady_rate(calls: list[dict[str, Any]]) -> dict[str, Any]:
+    """The stage's rate once its engines run, from its own engine calls (actor, started, finished, tokens): the
+    tokens each actor scored after its first output, over the time during which some actor was between its first
+    and its last output. Engine and Ray start-up and each engine's first call (its warm-up) are left out, which is
+    what a long run converges to; the gaps between one actor's calls (Ray Data feeding it, the writer) count.
+    `engine_busy` is the share of that time the actors spent inside engine calls (1.0: never waiting)."""
+    by_actor: dict[str, list[dict[str, Any]]] = {}
+    for call in calls:
+        by_actor.setdefault(call["actor"], []).append(call)
+    spans, tokens, busy = [], 0, 0.0
+    for actor_calls in by_actor.values():
+        actor_calls.sort(key=lambda c: c["finished"])
+        if len(actor_calls) < 2:
+            continue
+        spans.append((actor_calls[0]["finished"], actor_calls[-1]["finished"]))
+        tokens += sum(c["tokens"] for c in actor_calls[1:])
+        busy += sum(c["finished"] - max(c["started"], actor_calls[0]["finished"]) for c in actor_calls[1:])
+    covered, reach = 0.0, float("-inf")  # the union of the actors' spans
+    for lo, hi in sorted(spans):
+        covered += max(0.0, hi - max(lo, reach))
+        reach = max(reach, hi)
+    return {"steady_tokens_per_s": round(tokens / covered, 1) if covered > 0 else None,
+            "steady_seconds": round(covered, 2), "steady_tokens": tokens, "engine_actors": len(by_actor),
+            "engine_busy": round(busy / sum(hi - lo for lo, hi in spans), 3) if covered > 0 else None}
 
 
 def _totals(stage: LabelStage) -> dict[str, Any]:
@@ -195,7 +216,7 @@ def _print_summary(s: dict[str, Any], stage: LabelStage) -> None:
         f"label: rows read {s['rows_read']} = labeled {s['labeled']} + rejected {s['rejected']}"
         f" ({s['resumed_rows']} finished by an earlier run); this run: {run['labeled']} labeled, "
         f"{run['rejected']} rejected, {run['tokens']} tokens scored in {run['seconds']} s "
-        f"({run['tokens_per_s']} tok/s overall, {run['steady_tokens_per_s'] or 'n/a'} tok/s after the first shard); "
+        f"({run['tokens_per_s']} tok/s overall, {run['steady_tokens_per_s'] or 'n/a'} tok/s once the engines ran); "
         f"{s['bytes_per_scored_token']} bytes per scored token on disk\n"
         f"label: labels in {stage.paths.labels_dir}, rejected rows (with reasons) in {stage.paths.rejected_dir}"
     )

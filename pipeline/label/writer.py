@@ -14,21 +14,36 @@ import pyarrow.compute as pc
 
 from pipeline.data.schema import LABEL_SCHEMA, REJECT_SCHEMA, write_table_atomic
 
+# one engine call: the actor that made it, when it ran (wall clock) and the tokens it scored
+ENGINE_CALL = pa.struct([("actor", pa.string()), ("started", pa.float64()), ("finished", pa.float64()),
+                         ("tokens", pa.int64())])
 STATS_SCHEMA = pa.schema([("labeled", pa.int64()), ("rejected", pa.int64()), ("tokens", pa.int64()),
-                          ("bytes", pa.int64()), ("written_at", pa.float64())])
+                          ("bytes", pa.int64()), ("written_at", pa.float64()),
+                          ("engine_calls", pa.list_(ENGINE_CALL))])
+_CALL_KEYS = ["engine_actor", "engine_started", "engine_finished"]
 
 
 def write_batch(batch: pa.Table, labels_dir: str, rejected_dir: str) -> pa.Table:
-    """LABELED rows in; one stats row out (labeled, rejected, scored tokens, label bytes, wall-clock time)."""
+    """LABELED rows in; one stats row out (labeled, rejected, scored tokens, label bytes, wall-clock time, and the
+    engine calls that labeled these rows)."""
     name = f"part-{uuid.uuid4().hex}.parquet"
     bad = pc.is_valid(batch.column("reason"))
-    good = batch.filter(pc.invert(bad)).select(LABEL_SCHEMA.names).cast(LABEL_SCHEMA)
+    labeled = batch.filter(pc.invert(bad))
+    good = labeled.select(LABEL_SCHEMA.names).cast(LABEL_SCHEMA)
     rejected = batch.filter(bad).select(REJECT_SCHEMA.names).cast(REJECT_SCHEMA)
     nbytes = tokens = 0
+    calls = []
     if good.num_rows:
         nbytes = write_table_atomic(good, Path(labels_dir) / name)
-        tokens = int(pc.sum(pc.list_value_length(good.column("response_ids"))).as_py())
+        lengths = pc.list_value_length(good.column("response_ids"))
+        tokens = int(pc.sum(lengths).as_py())
+        if all(k in labeled.column_names for k in _CALL_KEYS):  # reference mode runs no engine
+            per_call = (labeled.select(_CALL_KEYS).append_column("tokens", lengths)
+                        .filter(pc.is_valid(labeled.column("engine_actor")))
+                        .group_by(_CALL_KEYS).aggregate([("tokens", "sum")]))
+            calls = [{"actor": r["engine_actor"], "started": r["engine_started"], "finished": r["engine_finished"],
+                      "tokens": r["tokens_sum"]} for r in per_call.to_pylist()]
     if rejected.num_rows:
         write_table_atomic(rejected, Path(rejected_dir) / name)
     return pa.table({"labeled": [good.num_rows], "rejected": [rejected.num_rows], "tokens": [tokens],
-                     "bytes": [nbytes], "written_at": [time.time()]}, schema=STATS_SCHEMA)
+                     "bytes": [nbytes], "written_at": [time.time()], "engine_calls": [calls]}, schema=STATS_SCHEMA)
