@@ -197,10 +197,10 @@ def test_stored_labels_holding_all_the_mass_give_the_exact_divergence(divergence
 
 def _fused_case(seed: int = 0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(B, S, 16, generator=g, dtype=dtype)
+    hidden = torch.randn(B, S, 16, generator=g, dtype=torch.float64).to(dtype)  # the same values in any dtype
     head = torch.nn.Linear(16, V, bias=False).to(dtype)
     with torch.no_grad():
-        head.weight.copy_(torch.randn(V, 16, generator=g, dtype=dtype) * 0.5)
+        head.weight.copy_(torch.randn(V, 16, generator=g, dtype=torch.float64) * 0.5)
     ids, lps, tail = _teacher_topk(torch.randn(B, S, V, generator=g, dtype=torch.float64) * 2, k=8)
     labels = torch.randint(0, V, (B, S), generator=g)
     mask = torch.ones(B, S)
@@ -233,6 +233,29 @@ def test_the_fused_chunked_loss_gives_the_same_values_and_gradients(alpha, diver
         assert torch.allclose(got[key].double(), want[key].double(), rtol=1e-5, atol=1e-7), key
     assert torch.allclose(got_h, want_h, rtol=1e-5, atol=1e-8)
     assert torch.allclose(got_w, want_w, rtol=1e-5, atol=1e-8)
+
+
+def test_the_fused_loss_in_bfloat16_matches_float64():
+    """The fused loss with a bfloat16 decoder and head, as a GPU runs it (on CPU here: the dtype handling, not the CUDA
+    kernels): each chunk's logits come out of the bf16 head and are upcast, so the values and gradients stay within
+    bf16's rounding of the float64 ones."""
+    from pipeline.losses.kd import fused_distillation_loss
+
+    results = []
+    for dtype in (torch.float64, torch.bfloat16):
+        hidden, head, labels, mask, ids, lps, tail = _fused_case(dtype=dtype)
+        hidden.requires_grad_(True)
+        out = fused_distillation_loss(hidden, head, labels, mask, ids, lps.float(), tail.float(), alpha=0.3,
+                                      temperature=2.0, chunk_tokens=3)
+        out["loss"].backward()
+        assert out["loss"].dtype == torch.float32 or dtype == torch.float64
+        assert hidden.grad.dtype == dtype and head.weight.grad.dtype == dtype
+        results.append((out, hidden.grad.double(), head.weight.grad.double()))
+    (want, want_h, want_w), (got, got_h, got_w) = results
+    for key in ("loss", "ce", "kd"):
+        assert got[key].item() == pytest.approx(want[key].item(), rel=5e-3), key
+    for g, w in ((got_h, want_h), (got_w, want_w)):
+        assert (g - w).norm() <= 2e-2 * w.norm()
 
 
 def test_the_fused_loss_with_lora_on_the_lm_head(tiny_models):
