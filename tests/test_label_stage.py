@@ -178,3 +178,62 @@ def test_killed_run_resumes_to_exactly_once(labeled_run):
     assert labels.num_rows + rejected.num_rows == labeled_run["total"]
     keys = list(zip(rejected.column("source").to_pylist(), rejected.column("line").to_pylist()))
     assert len(keys) == len(set(keys))
+
+
+def _once_then_lose_the_worker(fn, marks: Path):
+    """`fn`, whose worker process dies right after its first call on each batch has done the work (as when a node
+    is lost between a task's work and its result): Ray runs the task again."""
+    import hashlib
+    import os
+
+    def run(batch, **kwargs):
+        out = fn(batch, **kwargs)
+        keys = zip(batch.column("source").to_pylist(), batch.column("line").to_pylist())
+        mark = marks / hashlib.sha256(repr(list(keys)).encode()).hexdigest()
+        if not mark.exists():
+            mark.touch()
+            os._exit(1)
+        return out
+
+    return run
+
+
+def test_prepare_and_write_tasks_that_ray_retries_label_every_row_once(tiny_models, tmp_path):
+    """Ray's own retries, through real Ray Data tasks: every prepare task (claiming ids in the ledger) and every write
+    task (writing its shards) loses its worker once, right after its work; Ray re-runs each, and still every good row
+    is labeled exactly once, every bad row rejected once, and no row refused as a repeat of itself. Reference mode
+    (no engine) between them, the plan of `pipeline/label/dataset.py` otherwise."""
+    import ray
+
+    from pipeline.generation.engine import reference_labels
+    from pipeline.generation.prepare import Ledger, PrepareSpec, prepare_batch
+    from pipeline.generation.processor import read_corpus
+    from pipeline.label.writer import write_batch
+
+    paths, good, total = write_corpus(tmp_path / "corpus", 16, with_response=True)
+    labels, rejected, marks = tmp_path / "labels", tmp_path / "rejected", tmp_path / "marks"
+    for folder in (labels, rejected, marks):
+        folder.mkdir()
+    spec = PrepareSpec(tokenizer=str(tiny_models["teacher"]), revision=None, mode="reference", max_prompt_tokens=128,
+                       max_response_tokens=64, max_model_len=512)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        ledger = Ledger.remote(str(labels), str(rejected))
+        ds = read_corpus([str(p) for p in paths])
+        ds = ds.map_batches(_once_then_lose_the_worker(prepare_batch, marks), fn_kwargs={"spec": spec, "ledger": ledger},
+                            batch_format="pyarrow", batch_size=16, num_cpus=0.5)
+        ds = ds.map_batches(reference_labels, fn_kwargs={"k": K}, batch_format="pyarrow", batch_size=16, num_cpus=0.5)
+        ds = ds.map_batches(_once_then_lose_the_worker(write_batch, marks),
+                            fn_kwargs={"labels_dir": str(labels), "rejected_dir": str(rejected)},
+                            batch_format="pyarrow", batch_size=None, num_cpus=0.25)
+        ds.materialize()
+    finally:
+        ray.shutdown()
+    assert len(list(marks.iterdir())) >= 4  # tasks of both kinds did lose their workers
+    done, refused = read_dir(labels), read_dir(rejected)
+    assert done is not None, "no row labeled: the re-run prepare tasks refused their own rows as repeats"
+    ids = done.column("id").to_pylist()
+    assert sorted(ids) == sorted(good), "a row was lost or labeled twice"
+    assert done.num_rows + refused.num_rows == total
+    reasons = refused.column("reason").to_pylist()
+    assert sum("repeats an earlier row" in r for r in reasons) == 1, reasons  # the corpus's one real repeat

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -190,7 +191,7 @@ def write_json_atomic(path: str | Path, data: Any, sort_keys: bool = True) -> Pa
     the new one, never half of one. Every record a later run trusts (manifests, chain.json, caches) goes this way."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # two writers never share a temporary file
     tmp.write_text(json.dumps(data, indent=2, sort_keys=sort_keys, default=str))
     tmp.replace(path)
     return path
@@ -199,7 +200,7 @@ def write_json_atomic(path: str | Path, data: Any, sort_keys: bool = True) -> Pa
 def write_table_atomic(table: pa.Table, path: Path) -> int:
     """Write a Parquet shard under a temporary name and rename it, so a shard is whole or absent."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # two attempts at one shard never share a file
     pq.write_table(table, tmp, **PARQUET_KWARGS)
     tmp.replace(path)
     return path.stat().st_size

@@ -89,34 +89,37 @@ def prepare_batch(batch: pa.Table, spec: PrepareSpec, ledger=None) -> pa.Table:
     return pa.table({k: [v[i] for i in keep] for k, v in out.items()}, schema=PREPARED_SCHEMA)
 
 
-@ray.remote(num_cpus=0)
-class Ledger:
-    """Which rows are finished (from shards already on disk) and which ids are taken, for one run."""
+class RowLedger:
+    """Which rows are finished (from shards already on disk) and which ids are taken, for one run; the `Ledger`
+    actor holds one. Claiming is idempotent: a row that claims its own id again (a prepare task that Ray retries
+    after it claimed) is not a duplicate of itself."""
 
     def __init__(self, labels_dir: str, rejected_dir: str):
         self.done: set[tuple[str, int]] = set()
-        self.ids: set[str] = set()
+        self.ids: dict[str, tuple[str, int]] = {}  # id → the row (source, line) that holds it
         for folder, take_ids in ((labels_dir, True), (rejected_dir, False)):
             for shard in sorted(Path(folder).glob("part-*.parquet")):
                 t = pq.read_table(shard, columns=["source", "line", "id"])
-                self.done.update(zip(t.column("source").to_pylist(), t.column("line").to_pylist()))
+                keys = list(zip(t.column("source").to_pylist(), t.column("line").to_pylist()))
+                self.done.update(keys)
                 if take_ids:
-                    self.ids.update(t.column("id").to_pylist())
+                    self.ids.update(zip(t.column("id").to_pylist(), keys))
         self.resumed = len(self.done)
 
     def claim(self, sources: list[str], lines: list[int], ids: list[str | None], reasons: list[str | None]):
-        """Per row: "done" (finished by an earlier run), "duplicate" (id already taken) or "ok"."""
+        """Per row: "done" (finished by an earlier run), "duplicate" (id taken by another row) or "ok"."""
         status = []
-        for source, line, rid, reason in zip(sources, lines, ids, reasons):
-            if (source, line) in self.done:
+        for key, rid, reason in zip(zip(sources, lines), ids, reasons):
+            if key in self.done:
                 status.append("done")
-            elif reason is None and rid in self.ids:
+            elif reason is None and self.ids.setdefault(rid, key) != key:
                 status.append("duplicate")
             else:
-                if reason is None:
-                    self.ids.add(rid)
                 status.append("ok")
         return status
 
     def resumed_rows(self) -> int:
         return self.resumed
+
+
+Ledger = ray.remote(num_cpus=0)(RowLedger)

@@ -216,10 +216,15 @@ def _print_summary(s: dict[str, Any], stage: LabelStage) -> None:
         f"label: rows read {s['rows_read']} = labeled {s['labeled']} + rejected {s['rejected']}"
         f" ({s['resumed_rows']} finished by an earlier run); this run: {run['labeled']} labeled, "
         f"{run['rejected']} rejected, {run['tokens']} tokens scored in {run['seconds']} s "
-        f"({run['tokens_per_s']} tok/s overall, {run['steady_tokens_per_s'] or 'n/a'} tok/s once the engines ran); "
+        f"({run['tokens_per_s']} tok/s overall, {run['steady_tokens_per_s'] or 'n/a'} tok/s steady: after each "
+        f"engine's first batch, {_percent(run['engine_busy'])} of it inside engine calls); "
         f"{s['bytes_per_scored_token']} bytes per scored token on disk\n"
         f"label: labels in {stage.paths.labels_dir}, rejected rows (with reasons) in {stage.paths.rejected_dir}"
     )
+
+
+def _percent(share: float | None) -> str:
+    return f"{share:.0%}" if share is not None else "n/a"
 
 
 def _package_versions() -> dict[str, str]:

@@ -1,12 +1,14 @@
 """Last step of the label pipeline: split each batch into labeled and rejected shards and write both.
 
 Each shard is written under a temporary name and renamed, so a run killed at any moment leaves only whole
-shards; with the (source, line) key in every row that is what makes resume exactly-once.
+shards; with the (source, line) key in every row that is what makes resume exactly-once. A shard's name follows
+from the keys of its rows, so a write task that Ray retries after it wrote (its worker or node lost) replaces its
+own shard rather than adding a second copy of the rows.
 """
 from __future__ import annotations
 
+import hashlib
 import time
-import uuid
 from pathlib import Path
 
 import pyarrow as pa
@@ -26,7 +28,7 @@ _CALL_KEYS = ["engine_actor", "engine_started", "engine_finished"]
 def write_batch(batch: pa.Table, labels_dir: str, rejected_dir: str) -> pa.Table:
     """LABELED rows in; one stats row out (labeled, rejected, scored tokens, label bytes, wall-clock time, and the
     engine calls that labeled these rows)."""
-    name = f"part-{uuid.uuid4().hex}.parquet"
+    name = shard_name(batch)
     bad = pc.is_valid(batch.column("reason"))
     labeled = batch.filter(pc.invert(bad))
     good = labeled.select(LABEL_SCHEMA.names).cast(LABEL_SCHEMA)
@@ -47,3 +49,11 @@ def write_batch(batch: pa.Table, labels_dir: str, rejected_dir: str) -> pa.Table
         write_table_atomic(rejected, Path(rejected_dir) / name)
     return pa.table({"labeled": [good.num_rows], "rejected": [rejected.num_rows], "tokens": [tokens],
                      "bytes": [nbytes], "written_at": [time.time()], "engine_calls": [calls]}, schema=STATS_SCHEMA)
+
+
+def shard_name(batch: pa.Table) -> str:
+    """The same rows, the same name: a digest of the batch's (source, line) keys in order."""
+    digest = hashlib.sha256()
+    for source, line in zip(batch.column("source").to_pylist(), batch.column("line").to_pylist()):
+        digest.update(f"{source}\0{line}\n".encode())
+    return f"part-{digest.hexdigest()[:32]}.parquet"
