@@ -32,6 +32,7 @@ class PathsConfig:
 class ClusterConfig:
     address: str | None = None
     num_cpus: int | None = None
+    metrics_export_port: int | None = None
     env_vars: dict[str, str] = field(default_factory=dict)
     # node type -> {cpus, gpus, gpu_type, memory_gb, min_nodes, max_nodes} (ray_jobs/plan.py); None: this machine
     node_types: dict[str, dict[str, Any]] | None = None

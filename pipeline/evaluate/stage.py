@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 from pipeline.config import EvaluateStage, ModelConfig, evaluate_stage
 from pipeline.data.schema import write_json_atomic, write_table_atomic
 from pipeline.console import progress, show
+from pipeline.monitoring import Recorder
 from pipeline.models.load import count_parameters, cpu_runs_gptq
 
 log = logging.getLogger("ray_distill.evaluate")
@@ -244,7 +245,9 @@ def run(cfg: Any) -> dict[str, Any]:
     reference, reference_key = None, None
     cache = Path(stage.paths.run_root) / "cache" / "evaluate"
     bar = progress(desc="evaluate: models", unit="model", total=len(models))
-    for role, model in _ticking(models.items(), bar):
+    figures = Recorder("evaluate", Path(stage.paths.run_root).name)
+    figures.set("evaluate_models", len(models))
+    for role, model in _ticking(models.items(), bar, figures):
         path = model.name_or_path + (f"@{model.revision[:12]}" if model.revision else "")
         kind = "reference" if reference is None else "scored"
         key = cache_key(kind, model, stage, heldout, reference_key)
@@ -296,8 +299,9 @@ def run(cfg: Any) -> dict[str, Any]:
     return summary
 
 
-def _ticking(items, bar):
-    """`items`, advancing the progress display each time one has been dealt with."""
-    for item in items:
+def _ticking(items, bar, figures: Recorder):
+    """`items`, advancing the progress display and the live figure each time one has been dealt with."""
+    for done, item in enumerate(items, 1):
         yield item
         bar.update(1)
+        figures.set("evaluate_models_done", done)

@@ -23,6 +23,7 @@ from pipeline.errors import ConfigError, LabelsError
 from pipeline.generation.prepare import PrepareSpec
 from pipeline.generation.reader import corpus_identity, count_rows
 from pipeline.generation.engine import EngineSpec
+from pipeline.monitoring import WINDOW_S, Recorder, WindowRate
 from pipeline.models.load import ensure_model, load_tokenizer_checked, model_fingerprint, pin_revision, \
     tokenizer_fingerprint
 
@@ -114,7 +115,7 @@ def run(cfg: Any) -> dict[str, Any]:
     ledger = Ledger.remote(stage.paths.labels_dir, stage.paths.rejected_dir)
     resumed = ray.get(ledger.resumed_rows.remote())
     ds = build_dataset(stage, prepare_spec(stage), teacher_spec(stage), ledger)
-    summary = _consume(ds, resumed, count_rows(stage.data.paths))
+    summary = _consume(ds, resumed, count_rows(stage.data.paths), Recorder("label", Path(stage.paths.run_root).name))
     summary.update(_totals(stage))
     if summary["rows_read"] == 0:  # e.g. every engine failed to start and Ray Data gave up without an error
         raise LabelsError(f"No row of {', '.join(stage.data.paths)} was labeled or rejected: the corpus is empty "
@@ -141,13 +142,15 @@ def teacher_spec(stage: LabelStage) -> EngineSpec:
     )
 
 
-def _consume(ds, resumed: int, corpus_rows: int | None) -> dict[str, Any]:
-    """Drive the dataset to the end, with a progress bar; tokens/s overall and in steady state (`steady_rate`)."""
+def _consume(ds, resumed: int, corpus_rows: int | None, figures: Recorder) -> dict[str, Any]:
+    """Drive the dataset to the end, with a progress bar and live figures (pipeline/monitoring.py); tokens/s
+    overall and in steady state (`steady_rate`)."""
     from pipeline.console import progress
 
     totals = {"labeled": 0, "rejected": 0, "tokens": 0, "bytes": 0}
     calls: list[dict[str, Any]] = []
     start = time.perf_counter()
+    rows_rate, tokens_rate = WindowRate(time.time()), WindowRate(time.time())
     total = corpus_rows - resumed if corpus_rows is not None else None
     with progress(desc="label: rows", unit="row", total=total) as bar:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -157,12 +160,28 @@ def _consume(ds, resumed: int, corpus_rows: int | None) -> dict[str, Any]:
             calls.extend(c for write in stats["engine_calls"] for c in write)
             bar.update(sum(stats["labeled"]) + sum(stats["rejected"]))
             bar.set_postfix(rejected=totals["rejected"], tok_s=f"{totals['tokens'] / (time.perf_counter() - start):.0f}")
+            _record(figures, stats, calls, rows_rate, tokens_rate)
     seconds = time.perf_counter() - start
     return {
         "this_run": {**totals, "seconds": round(seconds, 2),
                      "tokens_per_s": round(totals["tokens"] / seconds, 1) if seconds else 0.0, **steady_rate(calls)},
         "resumed_rows": resumed,
     }
+
+
+def _record(figures: Recorder, stats: dict[str, list], calls: list[dict[str, Any]], rows_rate: WindowRate,
+            tokens_rate: WindowRate) -> None:
+    """The live figures after one write: counters, rates over the last `WINDOW_S` and the engines that answered."""
+    now = time.time()
+    for outcome in ("labeled", "rejected"):
+        figures.inc("label_rows", sum(stats[outcome]), outcome=outcome)
+    figures.inc("label_tokens", sum(stats["tokens"]))
+    for at, labeled, rejected, tokens in zip(stats["written_at"], stats["labeled"], stats["rejected"], stats["tokens"]):
+        rows_rate.add(at, labeled + rejected)
+        tokens_rate.add(at, tokens)
+    figures.set("label_rows_per_s", rows_rate.rate(now))
+    figures.set("label_tokens_per_s", tokens_rate.rate(now))
+    figures.set("label_engines_active", len({c["actor"] for c in calls if c["finished"] > now - WINDOW_S}))
 
 
 def steady_rate(calls: list[dict[str, Any]]) -> dict[str, Any]:

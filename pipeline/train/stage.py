@@ -133,6 +133,14 @@ def record_run(stage: TrainStage, current: dict[str, Any], start_over: bool) -> 
     write_json_atomic(storage / RUN_CONFIG, current)
 
 
+def _under(path: str, root: str) -> str:
+    """`path` relative to `root` where it lies under it, else its own name."""
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return Path(path).name
+
+
 def run(cfg: Any) -> dict[str, Any]:
     """Train the student on the labels under the run root; returns the last metrics and output paths."""
     import ray
@@ -180,6 +188,7 @@ def run(cfg: Any) -> dict[str, Any]:
         loss_chunk_tokens=t.loss_chunk_tokens,
         total_steps=total_steps, micro_per_epoch=micro_per_epoch, checkpoint_every=t.checkpoint_every, report_every=t.report_every,
         k=manifest.k, loss=asdict(stage.loss), deepspeed=stage.deepspeed, student_dir=stage.paths.student_dir,
+        run_name=Path(stage.paths.run_root).name, model_name=_under(stage.paths.student_dir, stage.paths.run_root),
         merge=t.merge, seed=t.seed, sequence_parallel_size=t.sequence_parallel_size, cache_shard_mb=t.cache_shard_mb,
         shuffle=t.shuffle,
         eval_rows=heldout_rows(shards, fraction, t.max_eval_rows),

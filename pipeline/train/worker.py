@@ -46,6 +46,8 @@ class WorkerSpec:
     loss: dict[str, Any]
     deepspeed: dict[str, Any]
     student_dir: str
+    run_name: str  # the run root's name and the student folder under it: tags of the live figures
+    model_name: str
     merge: bool
     seed: int
     sequence_parallel_size: int = 1
@@ -124,6 +126,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     from pipeline.losses.kd import configured_loss
     from pipeline.data.batches import collate
+    from pipeline.monitoring import Recorder
     from pipeline.train import sequence_parallel as sp
 
     if not spec.use_gpu:
@@ -156,6 +159,7 @@ def train_loop(config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     consumed = engine.global_steps * spec.gradient_accumulation_steps
     metrics_path = Path(spec.student_dir) / "metrics.jsonl"
+    figures = Recorder("train", spec.run_name) if rank == 0 else None
     data_ranks = dist.get_world_size() // sp_size  # each sequence-parallel group counts once
     heldout = partial(evaluate_heldout, engine, spec, mpu, data_ranks, pad, rank)
     if engine.global_steps == 0:
@@ -207,6 +211,9 @@ def train_loop(config: dict[str, Any]) -> None:
             if rank == 0:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(metrics) + "\n")
+                for name, key in (("train_step", "step"), ("train_loss", "loss"), ("train_kd_loss", "kd"),
+                                  ("train_tokens_per_s", "tokens_per_s")):
+                    figures.set(name, metrics[key], model=spec.model_name)
             last = step >= spec.total_steps
             if step % spec.checkpoint_every == 0 or last:
                 _report_with_checkpoint(engine, metrics)
