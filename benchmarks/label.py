@@ -10,16 +10,18 @@ parameters, fp32), decoding greedily so that every path does the same work.
   its norm): greedy decoding then meets it after a few to a few hundred tokens, depending on the prompt.
 - uniform (P2u): the teacher as built, which never ends a response: every row runs to `--uniform-tokens`.
 
-Every rate is a steady rate, timed the same way on every path: the tokens after the path's first batch of
-`--batch` rows over the time from that batch's output to the last one, so start-up and warm-up are outside it.
-The stage reports it from its own engine timers (`pipeline.label.stage.steady_rate`); raw vLLM is the stage's
-engine (same class, same settings) given the same batches back to back; the naive loop is batched
+Every rate is a steady rate, start-up and warm-up outside it: the tokens after a path's first batch of `--batch`
+rows over the time from that batch's output to the last one. The stage reports it from its own engine timers
+(`pipeline.label.stage.steady_rate`). Raw vLLM is the stage's engine (same class, same settings), timed two ways:
+given the same batches back to back (the same steady rate: what Ray around the engine costs), and given every
+prompt in one warm `generate` call, which vLLM schedules continuously so that no batch waits for its longest row
+(the engine's best on these prompts; P1 is against this one). The naive loop is batched
 `generate(output_logits=True)` + top-k, each batch running to its longest row (static batching), over the first
 `--naive-rows` rows (its rate is per batch, and it is the slowest path). Every path gets `--cpus` threads (default:
 all cores; the stage's teacher actor reserves that many CPUs, for which Ray sets its OpenMP threads). Each workload
 runs `--repeats` rounds of (stage, raw, loop), one process each; a figure is the median of the rounds' ratios,
-reported with their spread. The stage cannot outrun its own engine: a P1 above 1.05 is reported as a
-measurement error, not a result. JSON lines go to stdout.
+reported with their spread. The stage cannot outrun its own engine: a stage above 1.05 times either raw rate makes
+every figure of that workload a measurement error, reported as one. JSON lines go to stdout.
 """
 from __future__ import annotations
 
@@ -123,8 +125,9 @@ def part_stage(args) -> dict:
 
 
 def part_raw_vllm(args) -> dict:
-    """The stage's own engine (its actor class's `vllm.LLM`, same settings) given the same batches back to
-    back: what the stage would reach with nothing around the engine."""
+    """The stage's own engine (its actor class's `vllm.LLM`, same settings), first given the same batches back to
+    back (what the stage would reach with nothing around the engine), then every prompt in one call, which vLLM
+    schedules continuously (no batch waits for its longest row: the engine's best on these prompts)."""
     os.environ["OMP_NUM_THREADS"] = str(args.cpus)  # what Ray gives the stage's actor of --cpus CPUs (before torch loads)
     from vllm.inputs import TokensPrompt
 
@@ -141,7 +144,12 @@ def part_raw_vllm(args) -> dict:
         ends.append(time.perf_counter())
         lengths += [len(o.outputs[0].token_ids) for o in outs]
         tokens.append(sum(lengths[b:]))
-    return {**steady(ends, tokens), "lengths": _spread(lengths)}
+    start = time.perf_counter()  # the engine is warm by now
+    outs = llm.generate(reqs, params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    at_once = sum(len(o.outputs[0].token_ids) for o in outs)
+    return {**steady(ends, tokens), "lengths": _spread(lengths), "all_tok_s": at_once / seconds,
+            "all_seconds": seconds}
 
 
 def part_naive_hf(args) -> dict:
@@ -253,7 +261,8 @@ def rounds(args, workload: str, count: int, *flags: str, naive: bool = True) -> 
         stage = parts.run_part(__file__, "stage", args.root / workload, *flags)["this_run"]
         if stage["steady_tokens_per_s"] is None:
             raise SystemExit(f"the {workload} stage run gave no steady rate (one engine call only): raise --rows")
-        out.append({"stage": stage, "raw": parts.run_part(__file__, "raw_vllm", args.root / workload, *flags)})
+        raw = parts.run_part(__file__, "raw_vllm", args.root / workload, *flags)
+        out.append({"stage": stage, "raw": raw, "raw_all": {"tok_s": raw["all_tok_s"]}})
         if naive:
             out[-1]["naive"] = parts.run_part(__file__, "naive_hf", args.root / workload, *flags)
         print(f"{workload} {' '.join(flags[1:])} round {i + 1}: " +
@@ -271,7 +280,8 @@ def ratio(runs: list[dict], num: str, den: str) -> dict:
 
 
 def metric(name: str, title: str, value: dict, goal: str, detail: dict, p1: dict) -> dict:
-    """One JSON line; when the stage outran its own engine in the same rounds, the figure is a measurement error."""
+    """One JSON line; when the stage outran its own engine in the same rounds (`p1`: the stage ÷ the engine, the
+    higher of the two ways it is timed), the figure is a measurement error."""
     line = {"metric": name, "name": title, "value": value["median"], "goal": goal, "unit": "ratio",
             "detail": {"rounds": value["runs"], **detail}}
     if p1["median"] > IMPOSSIBLE:
@@ -286,7 +296,8 @@ def summary(runs: list[dict]) -> dict:
         return round(statistics.median(r[path][key] for r in runs), 1)
 
     last = runs[-1]
-    return {"stage_tok_s": median("stage", "steady_tokens_per_s"), "raw_tok_s": median("raw", "tok_s"),
+    return {"stage_tok_s": median("stage", "steady_tokens_per_s"), "raw_tok_s": median("raw_all", "tok_s"),
+            "raw_same_batches_tok_s": median("raw", "tok_s"),
             "naive_tok_s": median("naive", "tok_s"), "stage_steady_seconds": median("stage", "steady_seconds"),
             "stage_wall_seconds": median("stage", "seconds"), "engine_busy": median("stage", "engine_busy"),
             "tokens": last["stage"]["tokens"], "lengths": last["raw"]["lengths"],
@@ -312,6 +323,9 @@ def main() -> None:
     if args.part:
         parts.write_part(workload_root(args) if args.part != "setup" else args.root, args.part, PARTS[args.part](args))
         return
+    if min(args.rows, args.naive_rows) < 2 * args.batch:
+        raise SystemExit(f"--rows and --naive-rows must be at least two batches ({2 * args.batch} rows): a steady rate "
+                         "starts after the first batch")
     args.root.mkdir(parents=True, exist_ok=True)
     setup = parts.run_part(__file__, "setup", args.root)
     varied = rounds(args, "varied", args.repeats)
@@ -325,22 +339,29 @@ def main() -> None:
     model = {"model": "random-init Qwen2, vocab 151936", "parameters": setup["teacher_parameters"],
              "rows": args.rows, "naive_rows": args.naive_rows, "batch": args.batch, "k": 20,
              "repeats": args.repeats, "cpu_threads": args.cpus}
-    p1, p1u = ratio(varied, "stage", "raw"), ratio(uniform, "stage", "raw")
+    p1, p1_batches = ratio(varied, "stage", "raw_all"), ratio(varied, "stage", "raw")
+    bound = max((p1, p1_batches), key=lambda r: r["median"])  # the stage cannot outrun its engine either way
+    bound_u = max((ratio(uniform, "stage", "raw_all"), ratio(uniform, "stage", "raw")), key=lambda r: r["median"])
     last = varied[-1]["stage"]
     lines = [
-        metric("P1", "label tokens/s vs raw vLLM (same engine, same batches; responses of varied length)", p1,
-               ">= 0.90", {**summary(varied), "ray_data_llm_tok_s": round(rdl["tok_s"], 1) if rdl else None,
-                           "P1_uniform": p1u, "one_core": one_core and {
-                               "P1": ratio(one_core, "stage", "raw"),
+        metric("P1", "label tokens/s vs raw vLLM generate over the same prompts (responses of varied length)", p1,
+               ">= 0.90", {**summary(varied), "vs_same_batches": p1_batches,
+                           "ray_data_llm_tok_s": round(rdl["tok_s"], 1) if rdl else None,
+                           "uniform": {"P1": ratio(uniform, "stage", "raw_all"),
+                                       "vs_same_batches": ratio(uniform, "stage", "raw")},
+                           "one_core": one_core and {
+                               "P1": ratio(one_core, "stage", "raw_all"),
+                               "vs_same_batches": ratio(one_core, "stage", "raw"),
                                "stage_tok_s": one_core[0]["stage"]["steady_tokens_per_s"],
-                               "raw_tok_s": round(one_core[0]["raw"]["tok_s"], 1)}, **model}, p1),
+                               "raw_tok_s": round(one_core[0]["raw_all"]["tok_s"], 1),
+                               "raw_same_batches_tok_s": round(one_core[0]["raw"]["tok_s"], 1)}, **model}, bound),
         metric("P2", "label tokens/s vs naive transformers generate+output_logits (varied lengths, own EOS)",
                ratio(varied, "stage", "naive"), ">= 3.0",
-               {**summary(varied), "raw_vllm_vs_naive": ratio(varied, "raw", "naive"), **model}, p1),
+               {**summary(varied), "raw_vllm_vs_naive": ratio(varied, "raw_all", "naive"), **model}, bound),
         metric("P2u", "label tokens/s vs naive transformers generate+output_logits (uniform length)",
                ratio(uniform, "stage", "naive"), "report",
                {**summary(uniform), "response_tokens": args.uniform_tokens,
-                "raw_vllm_vs_naive": ratio(uniform, "raw", "naive"), **model}, p1u),
+                "raw_vllm_vs_naive": ratio(uniform, "raw_all", "naive"), **model}, bound_u),
         {"metric": "P3", "name": "bytes on disk per scored token at k=20", "value": last["bytes"] and round(
             last["bytes"] / last["tokens"], 2), "goal": "<= 64, KL error <= 1e-3", "unit": "bytes/token",
          "detail": {"kl_error_nats": kl["kl_error_nats"], "tokens_scored": last["tokens"],

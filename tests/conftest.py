@@ -242,11 +242,12 @@ def submitted_label_run(ray_head, hub_models, tmp_path_factory) -> dict:
     partial = read_dir(root / "labels").num_rows
     with Scraper(ray_head[5]) as scraped:  # the head's Prometheus endpoint while the job runs
         proc = submit(ray_head, *args)
+        ended = scraped.elapsed()
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     commit = hub_models["commits"]["teacher"]
     teacher = hub_models["cache"] / "models--ray-distill--tiny-teacher" / "snapshots" / commit
     return {"mode": "generate", "root": root, "paths": paths, "good": good, "total": total, "proc": proc,
-            "teacher": teacher, "partial": partial, "scraped": scraped.samples}
+            "teacher": teacher, "partial": partial, "scraped": scraped.samples, "scraped_until": ended}
 
 
 ALL_LINEAR = "train.lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"

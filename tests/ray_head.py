@@ -108,8 +108,13 @@ class Scraper:
         self.thread = threading.Thread(target=self._poll, daemon=True)
 
     def __enter__(self):
+        self.start = time.monotonic()
         self.thread.start()
         return self
+
+    def elapsed(self) -> float:
+        """Seconds since the scraping started (the samples' clock)."""
+        return time.monotonic() - self.start
 
     def __exit__(self, *exc):
         self.stop.set()
@@ -119,7 +124,7 @@ class Scraper:
         import re
         import urllib.request
 
-        start = time.monotonic()
+        start = self.start
         sample = re.compile(r'^(\w+)(?:\{(.*)\})? (\S+)$')
         while not self.stop.is_set():
             try:
