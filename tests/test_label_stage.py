@@ -216,7 +216,9 @@ def test_prepare_and_write_tasks_that_ray_retries_label_every_row_once(tiny_mode
         folder.mkdir()
     spec = PrepareSpec(tokenizer=str(tiny_models["teacher"]), revision=None, mode="reference", max_prompt_tokens=128,
                        max_response_tokens=64, max_model_len=512)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    started = not ray.is_initialized()  # an earlier test in this process may have started one (Ray Data does)
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         ledger = Ledger.remote(str(labels), str(rejected))
         ds = read_corpus([str(p) for p in paths])
@@ -228,7 +230,8 @@ def test_prepare_and_write_tasks_that_ray_retries_label_every_row_once(tiny_mode
                             batch_format="pyarrow", batch_size=None, num_cpus=0.25)
         ds.materialize()
     finally:
-        ray.shutdown()
+        if started:
+            ray.shutdown()
     assert len(list(marks.iterdir())) >= 4  # tasks of both kinds did lose their workers
     done, refused = read_dir(labels), read_dir(rejected)
     assert done is not None, "no row labeled: the re-run prepare tasks refused their own rows as repeats"
