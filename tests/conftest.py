@@ -130,7 +130,12 @@ def _started_early(request):
         hub = request.getfixturevalue("hub_models")
         root = request.getfixturevalue("tmp_path_factory").mktemp("chain")
         args = _chain_args(root, hub)
-        _EARLY["chain"] = (root, args, start_job("run.py", *args, env=hub["env"]), hub)
+        from ray_head import Scraper
+
+        port = free_port()  # the chain's embedded Ray serves its metrics there; scraped every second while it runs
+        _EARLY["figures"] = Scraper(port).__enter__()
+        _EARLY["chain"] = (root, args, start_job("run.py", *args, f"cluster.metrics_export_port={port}",
+                                                 env={**hub["env"], "RAY_metrics_report_interval_ms": "1000"}), hub)
     if "ray_head" in uses:
         from ray_head import start_head
 
@@ -262,10 +267,20 @@ def chain(tmp_path_factory, hub_models):
     Returns (run root, its overrides, the finished process, hub_models)."""
     if "chain" in _EARLY:  # started with the session
         root, args, job, hub = _EARLY["chain"]
-        return root, args, job.result(), hub
+        proc = job.result()
+        _EARLY["figures"].__exit__()
+        return root, args, proc, hub
     root = tmp_path_factory.mktemp("chain")
     args = _chain_args(root, hub_models)
     return root, args, run_job("run.py", *args, env=hub_models["env"]), hub_models
+
+
+@pytest.fixture(scope="session")
+def chain_figures(chain) -> list:
+    """What the chain's embedded Ray served to Prometheus while the chain ran, scraped every second: the project's
+    samples [(seconds, name, labels, value)] (ray_head.Scraper)."""
+    assert "figures" in _EARLY, "the chain was not started with the session, so nobody scraped it"
+    return _EARLY["figures"].samples
 
 
 def _chain_args(root: Path, hub_models: dict) -> list[str]:

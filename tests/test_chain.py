@@ -249,3 +249,24 @@ def test_run_skip_and_baseline_choose_the_stages_and_their_configs(tmp_path, mon
     assert evaluate.evaluate.baseline_path == f"{tmp_path}/baseline"
     started.clear()
     assert set(chain.run(cfg).values()) == {"skipped"} and not started
+
+
+def test_the_chain_exports_live_figures_while_it_runs(chain, chain_figures):
+    """The chain's embedded Ray (`cluster.metrics_export_port`) served every stage's figures to Prometheus while the
+    chain ran (pipeline/monitoring.py): the training workers' step, losses and tokens/s for each model trained, seen
+    moving; evaluate's progress; the label stage's counts."""
+    run = chain[0].name
+    samples = [(n, labels, v) for _, n, labels, v in chain_figures if labels.get("run") == run]
+    names = {n for n, _, _ in samples}
+    assert {"ray_distill_train_step", "ray_distill_train_loss", "ray_distill_train_kd_loss",
+            "ray_distill_train_tokens_per_s", "ray_distill_evaluate_models", "ray_distill_evaluate_models_done",
+            "ray_distill_label_rows_total", "ray_distill_label_tokens_total"} <= names, names
+    steps: dict[str, set] = {}
+    for n, labels, v in samples:
+        if n == "ray_distill_train_step":
+            steps.setdefault(labels.get("model"), set()).add(v)
+    assert {"teacher_sft/student", "student"} <= set(steps), steps
+    assert any(len(values) > 1 for values in steps.values()), steps  # a training seen between its first and last step
+    evaluated = [v for n, _, v in samples if n == "ray_distill_evaluate_models_done"]
+    models = [v for n, _, v in samples if n == "ray_distill_evaluate_models"]
+    assert max(models) >= 3 and 1 <= max(evaluated) <= max(models), (evaluated, models)
