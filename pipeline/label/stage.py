@@ -149,6 +149,7 @@ def _consume(ds, resumed: int, corpus_rows: int | None, figures: Recorder) -> di
 
     totals = {"labeled": 0, "rejected": 0, "tokens": 0, "bytes": 0}
     calls: list[dict[str, Any]] = []
+    last_output: dict[str, float] = {}  # actor → when its latest call finished
     start = time.perf_counter()
     rows_rate, tokens_rate = WindowRate(time.time()), WindowRate(time.time())
     total = corpus_rows - resumed if corpus_rows is not None else None
@@ -157,10 +158,12 @@ def _consume(ds, resumed: int, corpus_rows: int | None, figures: Recorder) -> di
             stats = {k: batch.column(k).to_pylist() for k in batch.column_names}
             for key in totals:
                 totals[key] += sum(stats[key])
-            calls.extend(c for write in stats["engine_calls"] for c in write)
+            for call in (c for write in stats["engine_calls"] for c in write):
+                calls.append(call)
+                last_output[call["actor"]] = max(last_output.get(call["actor"], 0.0), call["finished"])
             bar.update(sum(stats["labeled"]) + sum(stats["rejected"]))
             bar.set_postfix(rejected=totals["rejected"], tok_s=f"{totals['tokens'] / (time.perf_counter() - start):.0f}")
-            _record(figures, stats, calls, rows_rate, tokens_rate)
+            _record(figures, stats, last_output, rows_rate, tokens_rate)
     seconds = time.perf_counter() - start
     return {
         "this_run": {**totals, "seconds": round(seconds, 2),
@@ -169,7 +172,7 @@ def _consume(ds, resumed: int, corpus_rows: int | None, figures: Recorder) -> di
     }
 
 
-def _record(figures: Recorder, stats: dict[str, list], calls: list[dict[str, Any]], rows_rate: WindowRate,
+def _record(figures: Recorder, stats: dict[str, list], last_output: dict[str, float], rows_rate: WindowRate,
             tokens_rate: WindowRate) -> None:
     """The live figures after one write: counters, rates over the last `WINDOW_S` and the engines that answered."""
     now = time.time()
@@ -181,7 +184,7 @@ def _record(figures: Recorder, stats: dict[str, list], calls: list[dict[str, Any
         tokens_rate.add(at, tokens)
     figures.set("label_rows_per_s", rows_rate.rate(now))
     figures.set("label_tokens_per_s", tokens_rate.rate(now))
-    figures.set("label_engines_active", len({c["actor"] for c in calls if c["finished"] > now - WINDOW_S}))
+    figures.set("label_engines_active", sum(at > now - WINDOW_S for at in last_output.values()))
 
 
 def steady_rate(calls: list[dict[str, Any]]) -> dict[str, Any]:

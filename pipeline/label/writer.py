@@ -39,12 +39,11 @@ def write_batch(batch: pa.Table, labels_dir: str, rejected_dir: str) -> pa.Table
         nbytes = write_table_atomic(good, Path(labels_dir) / name)
         lengths = pc.list_value_length(good.column("response_ids"))
         tokens = int(pc.sum(lengths).as_py())
-        if all(k in labeled.column_names for k in _CALL_KEYS):  # reference mode runs no engine
-            per_call = (labeled.select(_CALL_KEYS).append_column("tokens", lengths)
-                        .filter(pc.is_valid(labeled.column("engine_actor")))
-                        .group_by(_CALL_KEYS).aggregate([("tokens", "sum")]))
-            calls = [{"actor": r["engine_actor"], "started": r["engine_started"], "finished": r["engine_finished"],
-                      "tokens": r["tokens_sum"]} for r in per_call.to_pylist()]
+        per_call = (labeled.select(_CALL_KEYS).append_column("tokens", lengths)
+                    .filter(pc.is_valid(labeled.column("engine_actor")))  # reference mode runs no engine
+                    .group_by(_CALL_KEYS).aggregate([("tokens", "sum")]))
+        calls = [{"actor": r["engine_actor"], "started": r["engine_started"], "finished": r["engine_finished"],
+                  "tokens": r["tokens_sum"]} for r in per_call.to_pylist()]
     if rejected.num_rows:
         write_table_atomic(rejected, Path(rejected_dir) / name)
     return pa.table({"labeled": [good.num_rows], "rejected": [rejected.num_rows], "tokens": [tokens],
