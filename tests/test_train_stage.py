@@ -224,3 +224,17 @@ def test_a_changed_run_is_refused_or_starts_over(killed_run):
         merged, adapted = load_student(run_root, "full")(probe).logits, load_student(run_root, "lora")(probe).logits
         assert torch.allclose(merged, adapted, atol=1e-4)
         assert not torch.allclose(merged, load_student(run_root, "base")(probe).logits)
+
+
+def test_the_steps_display_ends_at_the_last_step_written(tmp_path, capsys):
+    """The driver's steps display follows the metrics log that rank 0 appends to; steps written in the last moment
+    before fit() returns must still count (the display read the log once a second and ended short of them)."""
+    from pipeline.train.stage import _steps_progress
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")  # an earlier run's step: not this run's
+    with _steps_progress(metrics, total=3):
+        with metrics.open("a") as f:
+            for step in (1, 2, 3):
+                f.write(json.dumps({"step": step, "loss": 1.0 / step}) + "\n")
+    assert "train: steps: 100%" in capsys.readouterr().err

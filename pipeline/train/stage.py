@@ -264,25 +264,29 @@ def _steps_progress(metrics: Path, total: int):
     stop = threading.Event()
     offset = metrics.stat().st_size if metrics.exists() else 0  # a resumed run's earlier steps are not this run's
 
+    pending = b""
+
+    def read_new_steps():
+        nonlocal offset, pending
+        if not metrics.exists():
+            return
+        with metrics.open("rb") as f:
+            f.seek(offset)
+            chunk = f.read()
+        offset += len(chunk)
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            with contextlib.suppress(ValueError, KeyError):
+                record = json.loads(line)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
+                if record["step"] > bar.n:
+                    bar.update(record["step"] - bar.n)  # drawn at most every mininterval
+                else:
+                    bar.n = record["step"]  # a replaced worker group resumes at its checkpoint's step
+
     def follow():
-        nonlocal offset
-        pending = b""
         while not stop.wait(1.0):
-            if not metrics.exists():
-                continue
-            with metrics.open("rb") as f:
-                f.seek(offset)
-                chunk = f.read()
-            offset += len(chunk)
-            *lines, pending = (pending + chunk).split(b"\n")
-            for line in lines:
-                with contextlib.suppress(ValueError, KeyError):
-                    record = json.loads(line)
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
-                    if record["step"] > bar.n:
-                        bar.update(record["step"] - bar.n)  # drawn at most every mininterval
-                    else:
-                        bar.n = record["step"]  # a replaced worker group resumes at its checkpoint's step
+            read_new_steps()
 
     thread = threading.Thread(target=follow, daemon=True, name="train-progress")
     thread.start()
@@ -291,4 +295,5 @@ def _steps_progress(metrics: Path, total: int):
     finally:
         stop.set()
         thread.join(timeout=5)
+        read_new_steps()  # the steps of the last second before fit() returned (the bar would end short of them)
         bar.close()
