@@ -27,6 +27,14 @@ class PathsConfig:
     quantized_dir: str
     eval_dir: str
 
+    def __post_init__(self):
+        for name, value in dataclasses.asdict(self).items():
+            if "://" in value:  # pathlib would make s3://b/p a local folder named "s3:"
+                raise ConfigError(
+                    f"paths.{name}={value} is a URI, but every stage writes its artifacts to a filesystem path; on a "
+                    "cluster use storage every node mounts at one path (NFS, EFS, a bucket mounted with a FUSE "
+                    "driver) and give that path (the corpus itself, data.paths, may be any pyarrow URI).")
+
 
 @dataclass
 class ClusterConfig:

@@ -143,7 +143,8 @@ def entrypoint(cfg, name: str):
     from pipeline import console
 
     try:
-        log = Path(str(cfg.paths.run_root)) / "logs" / f"{name}.log"
+        run_root = str(cfg.paths.run_root)
+        log = Path(run_root) / "logs" / f"{name}.log" if "://" not in run_root else None  # refused by the stage
     except Exception:  # noqa: BLE001 - a config that does not resolve is reported by the stage, as one sentence
         log = None
     if log is not None:

@@ -113,6 +113,7 @@ def _sibling_group(lines, i):
     (["label.concurrency=[1,many]"], r"^label.concurrency\[1\] has the wrong type"),
     (["+train.lora.rank=4"], r"^train.lora.rank is an unknown key; known keys there are \['alpha', 'dropout', 'r', "),
     (["paths.run_root=???"], r"^paths.run_root is missing"),
+    (["paths.root=s3://bucket/prefix"], r"^paths.root=s3://bucket/prefix is a URI, but every stage writes its "),
 ])
 def test_wrong_config_is_one_clear_sentence(override, message):
     with pytest.raises(ConfigError, match=message):
