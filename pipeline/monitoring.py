@@ -81,16 +81,16 @@ class Recorder:
 
 
 class WindowRate:
-    """Amounts per second over the last `WINDOW_S` seconds (less at the start, from the first amount on)."""
+    """Amounts per second over the last `window_s` seconds (less at the start, from the first amount on)."""
 
-    def __init__(self, now: float):
-        self.start = now
+    def __init__(self, now: float, window_s: float = WINDOW_S):
+        self.start, self.window_s = now, window_s
         self.events: list[tuple[float, float]] = []
 
     def add(self, at: float, amount: float) -> None:
         self.events.append((at, amount))
 
     def rate(self, now: float) -> float:
-        self.events = [(t, a) for t, a in self.events if t > now - WINDOW_S]
-        span = min(WINDOW_S, now - self.start)
+        self.events = [(t, a) for t, a in self.events if t > now - self.window_s]
+        span = min(self.window_s, now - self.start)
         return sum(a for _, a in self.events) / span if span > 0 else 0.0

@@ -94,7 +94,7 @@ def interrupt_like_a_terminal(proc: subprocess.Popen, lines: list[str]) -> tuple
 
 # A test is `slow` (left out by `make test-fast`) when it runs a stage entrypoint, an engine or a Ray cluster: every
 # test of these modules, and any test that uses one of these fixtures.
-SLOW_MODULES = {"test_chain", "test_train_stage", "test_label_stage", "test_ray_job_submit"}
+SLOW_MODULES = {"test_chain", "test_train_stage", "test_label_stage", "test_ray_job_submit", "test_autoscaling"}
 SLOW_FIXTURES = {"server", "client", "run_root", "hub_models", "ray_head", "submitted_label_run", "chain"}
 
 

@@ -4,6 +4,7 @@ on the machine."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -12,15 +13,29 @@ import time
 from pathlib import Path
 
 
-def start_head(extra_env: dict[str, str], free_port) -> tuple[str, str, dict[str, str], Path, int, int]:
-    """Start a 2-CPU head; returns (the `ray` CLI, the dashboard address jobs are submitted to, the environment the
-    CLI and every process of the head run with, the head's temp dir, its Ray Client server's port, the port on which
-    it serves its metrics to Prometheus)."""
+def start_head(extra_env: dict[str, str], free_port, num_cpus: int = 2,
+               worker_nodes: dict | None = None) -> tuple[str, str, dict[str, str], Path, int, int]:
+    """Start a head of `num_cpus` CPUs; returns (the `ray` CLI, the dashboard address jobs are submitted to, the
+    environment the CLI and every process of the head run with, the head's temp dir, its Ray Client server's port,
+    the port on which it serves its metrics to Prometheus).
+
+    `worker_nodes` (autoscaler node types: resources, min_workers, max_workers) makes it an autoscaling cluster of
+    fake nodes, as Ray's `ray.cluster_utils.AutoscalingCluster` starts one: the head runs the autoscaler with Ray's
+    fake multi-node provider, which starts each node it adds as a real raylet on this machine and stops it when it
+    has idled for 6 s. AutoscalingCluster itself cannot be used: in Ray 2.60's wheel it reads a config file the wheel
+    does not ship (fake_multi_node/example.yaml), and it runs `ray stop --force`, which would stop every other Ray on
+    the machine; `autoscaling_config` is the same config."""
     # Ray's socket paths must stay under 107 bytes, so its temp dir cannot live under pytest's tmp_path
     temp_dir = Path(tempfile.mkdtemp(prefix="rd-ray-"))
     ray_bin = str(Path(sys.executable).with_name("ray"))
     gcs, dash, agent, client, metrics = free_port(), free_port(), free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    autoscaling = []
+    if worker_nodes is not None:
+        config = temp_dir / "autoscaling.json"
+        config.write_text(json.dumps(autoscaling_config(num_cpus, worker_nodes, f"127.0.0.1:{gcs}")))
+        autoscaling = [f"--autoscaling-config={config}"]
+        env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
     # Ray 2.60 turns token auth on for new local clusters; say so explicitly so the CLI sends the token
     env["RAY_AUTH_MODE"] = "token"
     env["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(free_port())  # 9101 by default: another test's Serve may hold it
@@ -29,7 +44,7 @@ def start_head(extra_env: dict[str, str], free_port) -> tuple[str, str, dict[str
     # the job driver runs `python` from PATH: make it this interpreter (the one with the project installed)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--num-cpus={num_cpus}", *autoscaling,
                     # the job agent's HTTP port defaults to 52365 on every Ray: another Ray on this machine (a test
                     # running beside this one) may hold it, and the head then answers "No available agent" forever
                     f"--dashboard-agent-listen-port={agent}",
@@ -45,6 +60,23 @@ def start_head(extra_env: dict[str, str], free_port) -> tuple[str, str, dict[str
         stop_head(temp_dir, client)
         raise
     return ray_bin, address, env, temp_dir, client, metrics
+
+
+def autoscaling_config(head_cpus: int, worker_nodes: dict, gcs_address: str) -> dict:
+    """The cluster config of Ray's fake multi-node provider, as `AutoscalingCluster` builds it from the example in
+    Ray's source (python/ray/autoscaler/_private/fake_multi_node/example.yaml), for a head on `gcs_address`."""
+    return {
+        "cluster_name": "fake_multinode", "max_workers": sum(t["max_workers"] for t in worker_nodes.values()),
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True, "gcs_address": gcs_address},
+        "available_node_types": {"ray.head.default": {"resources": {"CPU": head_cpus}, "node_config": {},
+                                                      "max_workers": 0},
+                                 **{name: {"node_config": {}, **t} for name, t in worker_nodes.items()}},
+        "head_node_type": "ray.head.default", "auth": {}, "upscaling_speed": 1.0, "idle_timeout_minutes": 0.1,
+        "docker": {}, "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
+        "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
+        "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False, "rsync_exclude": [],
+        "rsync_filter": []}
 
 
 def wait_for_job_agent(ray_bin: str, address: str, env: dict, timeout_s: float = 180) -> None:

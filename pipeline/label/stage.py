@@ -23,6 +23,7 @@ from pipeline.errors import ConfigError, LabelsError
 from pipeline.generation.prepare import PrepareSpec
 from pipeline.generation.reader import corpus_identity, count_rows
 from pipeline.generation.engine import EngineSpec
+from pipeline.label.timeline import Timeline
 from pipeline.monitoring import WINDOW_S, Recorder, WindowRate
 from pipeline.models.load import ensure_model, load_tokenizer_checked, model_fingerprint, pin_revision, \
     tokenizer_fingerprint
@@ -93,7 +94,7 @@ def run(cfg: Any) -> dict[str, Any]:
     """Label the configured corpus with the configured teacher; returns the end-of-job summary."""
     import ray
 
-    from pipeline.runtime import Ask, check_local_fit, init_ray
+    from pipeline.runtime import Ask, check_local_fit, init_ray, is_embedded
 
     stage = label_stage(cfg)
     lab = stage.label
@@ -115,7 +116,10 @@ def run(cfg: Any) -> dict[str, Any]:
     ledger = Ledger.remote(stage.paths.labels_dir, stage.paths.rejected_dir)
     resumed = ray.get(ledger.resumed_rows.remote())
     ds = build_dataset(stage, prepare_spec(stage), teacher_spec(stage), ledger)
-    summary = _consume(ds, resumed, count_rows(stage.data.paths), Recorder("label", Path(stage.paths.run_root).name))
+    with Timeline(Path(stage.paths.labels_dir), count_actors=not is_embedded(stage.cluster)) as timeline:
+        summary = _consume(ds, resumed, count_rows(stage.data.paths),
+                           Recorder("label", Path(stage.paths.run_root).name), timeline)
+    summary["timeline"] = {"csv": str(timeline.csv), "png": str(timeline.png) if timeline.png.exists() else None}
     summary.update(_totals(stage))
     if summary["rows_read"] == 0:  # e.g. every engine failed to start and Ray Data gave up without an error
         raise LabelsError(f"No row of {', '.join(stage.data.paths)} was labeled or rejected: the corpus is empty "
@@ -142,9 +146,9 @@ def teacher_spec(stage: LabelStage) -> EngineSpec:
     )
 
 
-def _consume(ds, resumed: int, corpus_rows: int | None, figures: Recorder) -> dict[str, Any]:
-    """Drive the dataset to the end, with a progress bar and live figures (pipeline/monitoring.py); tokens/s
-    overall and in steady state (`steady_rate`)."""
+def _consume(ds, resumed: int, corpus_rows: int | None, figures: Recorder, timeline: Timeline) -> dict[str, Any]:
+    """Drive the dataset to the end, with a progress bar, live figures (pipeline/monitoring.py) and the run's
+    timeline; tokens/s overall and in steady state (`steady_rate`)."""
     from pipeline.console import progress
 
     totals = {"labeled": 0, "rejected": 0, "tokens": 0, "bytes": 0}
@@ -163,7 +167,8 @@ def _consume(ds, resumed: int, corpus_rows: int | None, figures: Recorder) -> di
                 last_output[call["actor"]] = max(last_output.get(call["actor"], 0.0), call["finished"])
             bar.update(sum(stats["labeled"]) + sum(stats["rejected"]))
             bar.set_postfix(rejected=totals["rejected"], tok_s=f"{totals['tokens'] / (time.perf_counter() - start):.0f}")
-            _record(figures, stats, last_output, rows_rate, tokens_rate)
+            answering = _record(figures, stats, last_output, rows_rate, tokens_rate)
+            timeline.update(totals["labeled"] + totals["rejected"], answering)
     seconds = time.perf_counter() - start
     return {
         "this_run": {**totals, "seconds": round(seconds, 2),
@@ -173,8 +178,9 @@ def _consume(ds, resumed: int, corpus_rows: int | None, figures: Recorder) -> di
 
 
 def _record(figures: Recorder, stats: dict[str, list], last_output: dict[str, float], rows_rate: WindowRate,
-            tokens_rate: WindowRate) -> None:
-    """The live figures after one write: counters, rates over the last `WINDOW_S` and the engines that answered."""
+            tokens_rate: WindowRate) -> int:
+    """The live figures after one write: counters, rates over the last `WINDOW_S` and the engines that answered
+    (returned)."""
     now = time.time()
     for outcome in ("labeled", "rejected"):
         figures.inc("label_rows", sum(stats[outcome]), outcome=outcome)
@@ -184,7 +190,9 @@ def _record(figures: Recorder, stats: dict[str, list], last_output: dict[str, fl
         tokens_rate.add(at, tokens)
     figures.set("label_rows_per_s", rows_rate.rate(now))
     figures.set("label_tokens_per_s", tokens_rate.rate(now))
-    figures.set("label_engines_active", sum(at > now - WINDOW_S for at in last_output.values()))
+    answering = sum(at > now - WINDOW_S for at in last_output.values())
+    figures.set("label_engines_active", answering)
+    return answering
 
 
 def steady_rate(calls: list[dict[str, Any]]) -> dict[str, Any]:
@@ -242,6 +250,7 @@ def _print_summary(s: dict[str, Any], stage: LabelStage) -> None:
         f"engine's first batch, {_percent(run['engine_busy'])} of it inside engine calls); "
         f"{s['bytes_per_scored_token']} bytes per scored token on disk\n"
         f"label: labels in {stage.paths.labels_dir}, rejected rows (with reasons) in {stage.paths.rejected_dir}"
+        + (f", the run's timeline in {s['timeline']['png']}" if s["timeline"]["png"] else "")
     )
 
 
