@@ -104,18 +104,21 @@ def stop_head(temp_dir: Path, client_port: int | None = None) -> None:
         return any(str(temp_dir) in a for a in cmdline) or (
             "ray.util.client.server" in cmdline and f"--port={client_port}" in cmdline)
 
-    roots = [p for p in psutil.process_iter(["cmdline"]) if ours(p.info["cmdline"] or [])]
-    procs = set(roots)
-    for root in roots:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            procs.update(root.children(recursive=True))
-    for p in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=5)  # a test cluster: what has not stopped by then is killed
-    for p in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
+    for _ in range(3):  # again, for what started meanwhile (an autoscaling head's monitor adding a fake node)
+        roots = [p for p in psutil.process_iter(["cmdline"]) if ours(p.info["cmdline"] or [])]
+        if not roots:
+            break
+        procs = set(roots)
+        for root in roots:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                procs.update(root.children(recursive=True))
+        for p in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.terminate()
+        _, alive = psutil.wait_procs(procs, timeout=5)  # a test cluster: what has not stopped by then is killed
+        for p in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -66,7 +66,7 @@ def timeline_rows(path: Path) -> list[dict]:
 def test_the_teacher_pool_grows_over_new_nodes_survives_a_lost_node_and_the_nodes_go(autoscaling_cluster,
                                                                                      hub_models, tmp_path):
     ray_bin, address, env, temp_dir, *_ = autoscaling_cluster
-    paths, good, total = write_corpus(tmp_path / "corpus", 1300, with_response=False, seed=11)
+    paths, good, total = write_corpus(tmp_path / "corpus", 1500, with_response=False, seed=11)
     args = ["ray_jobs/label.py", "debug=tiny", f"paths.run_root={tmp_path}", "data.build=null",
             f"data.paths=[{','.join(str(p) for p in paths)}]", "label.mode=generate", "label.max_response_tokens=96",
             "label.batch_size=8", "label.concurrency=[1,2]", "label.num_gpus_per_actor=1", *hub_models["overrides"]]
@@ -76,15 +76,20 @@ def test_the_teacher_pool_grows_over_new_nodes_survives_a_lost_node_and_the_node
                                 "--", "python", *args], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     timeline = tmp_path / "labels" / "timeline.csv"
     killed = None
-    deadline = time.monotonic() + 600
-    while job.poll() is None:
-        assert time.monotonic() < deadline, "the job did not finish within 10 minutes"
-        rows = timeline_rows(timeline)
-        if killed is None and rows and rows[-1]["actors"] == 2 and 0 < rows[-1]["rows_done"] < total:
-            workers = sorted(n for n in alive_nodes(autoscaling_cluster) if n != HEAD_NODE_ID)
-            raylet_of(workers[0], temp_dir).send_signal(signal.SIGKILL)
-            killed = (workers[0], rows[-1]["seconds"], rows[-1]["rows_done"])
-        time.sleep(0.5)
+    try:
+        deadline = time.monotonic() + 600
+        while job.poll() is None:
+            assert time.monotonic() < deadline, "the job did not finish within 10 minutes"
+            rows = timeline_rows(timeline)
+            # both actors up, with 30 batches or more still to label
+            if killed is None and rows and rows[-1]["actors"] == 2 and 0 < rows[-1]["rows_done"] <= total - 240:
+                workers = [n for n in alive_nodes(autoscaling_cluster) if n != HEAD_NODE_ID]
+                raylet_of(workers[0], temp_dir).send_signal(signal.SIGKILL)
+                killed = (workers[0], rows[-1]["seconds"])
+            time.sleep(0.5)
+    finally:
+        if job.poll() is None:
+            job.kill()
     output = out.read_text()
     assert job.returncode == 0, output[-6000:]
     assert killed is not None, "the pool never ran 2 actors with rows left to label:\n" + output[-4000:]
@@ -100,11 +105,11 @@ def test_the_teacher_pool_grows_over_new_nodes_survives_a_lost_node_and_the_node
 
     # the timeline: the head alone, then the cluster and the pool at 2, then the lost node
     rows = timeline_rows(timeline)
-    assert rows[0]["nodes"] == 1 and rows[0]["actors"] == 0
-    assert max(r["nodes"] for r in rows) == 3 and max(r["actors"] for r in rows) == 2
+    assert rows[0]["nodes"] == 1 and rows[0]["actors"] in (0, None)  # None: the state API was slow to answer
+    assert max(r["nodes"] for r in rows) == 3 and max(r["actors"] or 0 for r in rows) == 2
     assert rows[-1]["rows_done"] == total and max(r["rows_per_s"] for r in rows) > 0
-    after = [r for r in rows if r["seconds"] > killed[1] + 2]
-    assert after and min(r["actors"] for r in after) < 2, "the killed node's actor never went away"
+    after = [r["actors"] for r in rows if r["seconds"] > killed[1] + 5 and r["actors"] is not None]
+    assert after and min(after) < 2, "the killed node's actor never went away"
     assert (tmp_path / "labels" / "timeline.png").stat().st_size > 10_000
     assert killed[0] not in alive_nodes(autoscaling_cluster)
 

@@ -15,6 +15,7 @@ import pytest
 from conftest import run_job
 from labels_check import BAD_LINES, alignment, read_dir, write_corpus
 from pipeline.data.corpus import make_rows
+from pipeline.label.timeline import read as read_timeline
 
 K = 20
 
@@ -116,6 +117,10 @@ def test_reference_mode_labels_the_references_one_hot_without_an_engine(tmp_path
         assert best.tolist() == row["response_ids"] and np.exp(logprobs.max(axis=1)).min() > 1 - 1e-5
         assert len(set(ids[0].tolist())) == K
     assert json.loads((tmp_path / "labels" / "manifest.json").read_text())["mode"] == "reference"
+    # the run's timeline: an embedded Ray has no state API, so no actor count; the rows all arrive
+    timeline = read_timeline(tmp_path / "labels" / "timeline.csv")
+    assert timeline[-1]["rows_done"] == total and all(r["actors"] is None and r["nodes"] == 1 for r in timeline)
+    assert (tmp_path / "labels" / "timeline.png").exists()
 
 
 def test_changed_config_on_existing_labels_is_refused(labeled_run):

@@ -47,9 +47,11 @@ def build_processor(spec: ProcessorSpec, ledger=None) -> Callable[["ray.data.Dat
     def process(ds: "ray.data.Dataset") -> "ray.data.Dataset":
         ds = ds.map_batches(prepare_batch, fn_kwargs={"spec": spec.prepare, "ledger": ledger}, batch_format="pyarrow",
                             batch_size=spec.prepare_batch_size or spec.batch_size, num_cpus=0.5)
-        # one engine batch per block: a read block (up to 4,096 rows of one file) would otherwise be one actor task,
-        # so one actor would label a whole small corpus while the pool never grows, and no row of that block would
-        # reach the writer (a shard, the progress display) before the last one
+        # about one engine batch per block (the last piece of each prepared block is bundled with the next): a read
+        # block (up to 4,096 rows of one file) would otherwise be one actor task, so one actor would label a whole
+        # small corpus while the pool never grows, and no row of that block would reach the writer (a shard, the
+        # progress display) before the last one. Ray Data runs it as its own step of short 1-CPU tasks (Ray 2.60's
+        # repartition takes no resource arguments, and it fuses with prepare only at the same CPUs per task)
         ds = ds.repartition(target_num_rows_per_block=spec.batch_size)
         if spec.engine.mode == "reference":
             return ds.map_batches(reference_labels, fn_kwargs={"k": spec.engine.k}, batch_format="pyarrow",

@@ -167,8 +167,8 @@ def _consume(ds, resumed: int, corpus_rows: int | None, figures: Recorder, timel
                 last_output[call["actor"]] = max(last_output.get(call["actor"], 0.0), call["finished"])
             bar.update(sum(stats["labeled"]) + sum(stats["rejected"]))
             bar.set_postfix(rejected=totals["rejected"], tok_s=f"{totals['tokens'] / (time.perf_counter() - start):.0f}")
-            answering = _record(figures, stats, last_output, rows_rate, tokens_rate)
-            timeline.update(totals["labeled"] + totals["rejected"], answering)
+            _record(figures, stats, last_output, rows_rate, tokens_rate)
+            timeline.update(totals["labeled"] + totals["rejected"], last_output)
     seconds = time.perf_counter() - start
     return {
         "this_run": {**totals, "seconds": round(seconds, 2),
@@ -178,9 +178,8 @@ def _consume(ds, resumed: int, corpus_rows: int | None, figures: Recorder, timel
 
 
 def _record(figures: Recorder, stats: dict[str, list], last_output: dict[str, float], rows_rate: WindowRate,
-            tokens_rate: WindowRate) -> int:
-    """The live figures after one write: counters, rates over the last `WINDOW_S` and the engines that answered
-    (returned)."""
+            tokens_rate: WindowRate) -> None:
+    """The live figures after one write: counters, rates over the last `WINDOW_S` and the engines that answered."""
     now = time.time()
     for outcome in ("labeled", "rejected"):
         figures.inc("label_rows", sum(stats[outcome]), outcome=outcome)
@@ -190,9 +189,7 @@ def _record(figures: Recorder, stats: dict[str, list], last_output: dict[str, fl
         tokens_rate.add(at, tokens)
     figures.set("label_rows_per_s", rows_rate.rate(now))
     figures.set("label_tokens_per_s", tokens_rate.rate(now))
-    answering = sum(at > now - WINDOW_S for at in last_output.values())
-    figures.set("label_engines_active", answering)
-    return answering
+    figures.set("label_engines_active", sum(at > now - WINDOW_S for at in last_output.values()))
 
 
 def steady_rate(calls: list[dict[str, Any]]) -> dict[str, Any]:

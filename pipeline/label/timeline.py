@@ -1,10 +1,11 @@
 """The label run's timeline: how the cluster and the teacher pool grew and shrank while the rows went through.
 
-Every `every_s` seconds the driver samples the nodes alive, the teacher actors alive, the rows finished and the
-rows per second over the last `RATE_WINDOW_S`, and appends a line to timeline.csv beside the labels' manifest (a
-killed run keeps what it sampled); at the end it draws timeline.png. Actors are counted through Ray's state API,
-which needs the cluster's dashboard: on an embedded Ray (started without one) the column stays empty and
-`engines_answering` (teacher actors that returned a batch in the last 30 s) is the pool's only trace.
+Every `every_s` seconds the driver samples the nodes alive, the teacher actors alive, the teacher actors that
+returned a batch in the last `WINDOW_S`, this run's rows finished and its rows per second over the last
+`RATE_WINDOW_S`, and appends a line to timeline.csv beside the labels' manifest (a killed run's samples stay there
+until the stage runs again); at the end it draws timeline.png. Actors are counted through Ray's state API, which
+needs the cluster's dashboard: on an embedded Ray (started without one) the column stays empty and
+`engines_answering` is the pool's only trace.
 """
 from __future__ import annotations
 
@@ -14,13 +15,15 @@ import threading
 import time
 from pathlib import Path
 
-from pipeline.monitoring import WindowRate
+from pipeline.monitoring import WINDOW_S, WindowRate
 
 log = logging.getLogger("ray_distill.label")
 COLUMNS = ("seconds", "nodes", "actors", "engines_answering", "rows_done", "rows_per_s")
 RATE_WINDOW_S = 10.0
-# the teacher's actors in Ray's state API: Ray Data names each pool actor after the UDF class it runs
+# the teacher's actors in Ray's state API: Ray Data names each pool actor's class after the UDF it runs
+# (MapWorker(MapBatches(VLLMGenerator)))
 _TEACHER_ACTOR = "VLLMGenerator"
+_STATE_API_TRIES = 5  # failures in a row after which the actors are no longer counted (no dashboard answers)
 
 
 class Timeline:
@@ -29,15 +32,16 @@ class Timeline:
     def __init__(self, folder: Path, count_actors: bool, every_s: float = 1.0):
         self.csv, self.png = Path(folder) / "timeline.csv", Path(folder) / "timeline.png"
         self.every_s = every_s
-        self.rows_done = self.engines_answering = 0
+        self.rows_done = 0
+        self.last_output: dict[str, float] = {}  # teacher actor → when its latest batch came back
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True, name="label-timeline")
-        self.state_api = count_actors
+        self.state_api_tries = _STATE_API_TRIES if count_actors else 0
 
-    def update(self, rows_done: int, engines_answering: int) -> None:
+    def update(self, rows_done: int, last_output: dict[str, float]) -> None:
         with self.lock:
-            self.rows_done, self.engines_answering = rows_done, engines_answering
+            self.rows_done, self.last_output = rows_done, dict(last_output)
 
     def __enter__(self) -> "Timeline":
         import ray
@@ -46,60 +50,70 @@ class Timeline:
         self.start = time.time()
         self.rate = WindowRate(self.start, window_s=RATE_WINDOW_S)
         self.last_rows = 0
+        self.png.unlink(missing_ok=True)  # an earlier run's picture is not this run's
         with self.csv.open("w", newline="") as f:
             csv.writer(f).writerow(COLUMNS)
         self.thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *_) -> None:
         self.stop.set()
-        self.thread.join(timeout=30)
-        self._sample()
+        self.thread.join(timeout=10)
+        if exc_type is not None or self.thread.is_alive():  # a failed or interrupted run stops now, as it is
+            return
         try:
+            self._sample()  # the last rows
             plot(self.csv, self.png)
         except Exception as e:  # noqa: BLE001 - a missing picture never fails a finished run
-            log.warning("label: could not draw %s: %s", self.png, e)
+            log.warning("label: could not finish the timeline %s: %s", self.csv, e)
 
     def _run(self) -> None:
         while not self.stop.wait(self.every_s):
-            self._sample()
+            try:
+                self._sample()
+            except Exception as e:  # noqa: BLE001 - e.g. the CSV on a shared mount that hiccups: the next sample
+                log.warning("label: a timeline sample failed: %s", e)
 
     def _sample(self) -> None:
         import ray
 
         now = time.time()
         with self.lock:
-            rows, answering = self.rows_done, self.engines_answering
-        self.rate.add(now, rows - self.last_rows)
-        self.last_rows = rows
+            rows, last_output = self.rows_done, self.last_output
         try:
             nodes = sum(1 for n in ray.nodes() if n["Alive"])
         except Exception:  # noqa: BLE001 - Ray going down at the end of a run
             return
+        self.rate.add(now, rows - self.last_rows)
+        self.last_rows = rows
+        answering = sum(at > now - WINDOW_S for at in last_output.values())
         line = (round(now - self.start, 2), nodes, self._actors(), answering, rows, round(self.rate.rate(now), 3))
         with self.csv.open("a", newline="") as f:
             csv.writer(f).writerow(line)
 
     def _actors(self) -> int | str:
-        """Teacher actors alive in this job, or "" when the cluster has no state API (no dashboard)."""
-        if not self.state_api:
+        """Teacher actors alive in this job, or "" when the state API did not answer (no dashboard, or busy)."""
+        if not self.state_api_tries:
             return ""
         from ray.util.state import list_actors
 
         try:
             actors = list_actors(filters=[("job_id", "=", self.job), ("state", "=", "ALIVE")], limit=10_000,
                                  timeout=5, raise_on_missing_output=False)
-        except Exception as e:  # noqa: BLE001 - a dashboard that does not answer: counted no more
-            log.info("label: the timeline counts no actors (Ray's state API did not answer: %s)", e)
-            self.state_api = False
+        except Exception as e:  # noqa: BLE001 - one empty sample; after a few in a row, no more asking
+            self.state_api_tries -= 1
+            if not self.state_api_tries:
+                log.info("label: the timeline counts no actors (Ray's state API did not answer: %s)", e)
             return ""
-        return sum(_TEACHER_ACTOR in (a.repr_name or a.class_name or "") for a in actors)
+        self.state_api_tries = _STATE_API_TRIES
+        return sum(_TEACHER_ACTOR in (a.class_name or "") for a in actors)
 
 
 def read(path: Path) -> list[dict[str, float | None]]:
     """timeline.csv as rows of numbers (an empty `actors` is None)."""
-    with Path(path).open(newline="") as f:
-        return [{k: float(v) if v != "" else None for k, v in row.items()} for row in csv.DictReader(f)]
+    with Path(path).open(newline="") as f:  # a line being appended as it is read is left out
+        return [{k: float(v) if v != "" else None for k, v in row.items()} for row in csv.DictReader(f)
+                if None not in row.values() and None not in row]
 
 
 def plot(path: Path, out: Path) -> Path:

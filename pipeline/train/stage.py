@@ -295,5 +295,9 @@ def _steps_progress(metrics: Path, total: int):
     finally:
         stop.set()
         thread.join(timeout=5)
-        read_new_steps()  # the steps of the last second before fit() returned (the bar would end short of them)
-        bar.close()
+        try:
+            if not thread.is_alive():
+                with contextlib.suppress(OSError):  # the steps of fit()'s last second (the bar ended short of them)
+                    read_new_steps()
+        finally:
+            bar.close()
