@@ -192,3 +192,18 @@ def test_each_default_has_one_value(group, cls):
                 assert value == default, f"{where}.{key}: YAML says {value!r}, the dataclass {default!r}"
 
     walk(shipped, schema, group)
+
+
+def test_a_uri_run_root_is_refused_before_anything_is_written(tmp_path):
+    """`paths.root=s3://...` is refused with one sentence by every entrypoint, and nothing is written where the
+    command ran: Hydra's own run folder, which follows the run root, would have been a folder named `s3:` there."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    proc = subprocess.run([sys.executable, str(REPO / "ray_jobs" / "label.py"), "debug=tiny",
+                           "paths.root=s3://bucket/prefix"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: paths.root=s3://bucket/prefix is a URI, but")
+    assert list(tmp_path.iterdir()) == []
