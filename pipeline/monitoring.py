@@ -46,6 +46,11 @@ FIGURES = {f.name: f for f in (
 WINDOW_S = 30.0  # the span of the label stage's rates
 
 
+def engines_answering(last_output: dict[str, float], now: float) -> int:
+    """Engines (actor → when its latest batch came back) that returned a batch in the last `WINDOW_S`."""
+    return sum(at > now - WINDOW_S for at in last_output.values())
+
+
 class Recorder:
     """The figures of one stage of one run (`run`: the run root's name, a tag on every figure). Recording never
     stops a stage: without Ray's metrics (no metrics agent, Ray not initialised) it records nothing."""

@@ -24,7 +24,7 @@ from pipeline.generation.prepare import PrepareSpec
 from pipeline.generation.reader import corpus_identity, count_rows
 from pipeline.generation.engine import EngineSpec
 from pipeline.label.timeline import Timeline
-from pipeline.monitoring import WINDOW_S, Recorder, WindowRate
+from pipeline.monitoring import Recorder, WindowRate, engines_answering
 from pipeline.models.load import ensure_model, load_tokenizer_checked, model_fingerprint, pin_revision, \
     tokenizer_fingerprint
 
@@ -189,7 +189,7 @@ def _record(figures: Recorder, stats: dict[str, list], last_output: dict[str, fl
         tokens_rate.add(at, tokens)
     figures.set("label_rows_per_s", rows_rate.rate(now))
     figures.set("label_tokens_per_s", tokens_rate.rate(now))
-    figures.set("label_engines_active", sum(at > now - WINDOW_S for at in last_output.values()))
+    figures.set("label_engines_active", engines_answering(last_output, now))
 
 
 def steady_rate(calls: list[dict[str, Any]]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from pipeline.monitoring import WINDOW_S, WindowRate
+from pipeline.monitoring import WINDOW_S, WindowRate, engines_answering
 
 log = logging.getLogger("ray_distill.label")
 COLUMNS = ("seconds", "nodes", "actors", "engines_answering", "rows_done", "rows_per_s")
@@ -86,8 +86,8 @@ class Timeline:
             return
         self.rate.add(now, rows - self.last_rows)
         self.last_rows = rows
-        answering = sum(at > now - WINDOW_S for at in last_output.values())
-        line = (round(now - self.start, 2), nodes, self._actors(), answering, rows, round(self.rate.rate(now), 3))
+        line = (round(now - self.start, 2), nodes, self._actors(), engines_answering(last_output, now), rows,
+                round(self.rate.rate(now), 3))
         with self.csv.open("a", newline="") as f:
             csv.writer(f).writerow(line)
 
@@ -130,7 +130,7 @@ def plot(path: Path, out: Path) -> Path:
     if any(r["actors"] is not None for r in rows):
         top.step(t, [r["actors"] for r in rows], where="post", label="teacher actors alive")
     top.step(t, [r["engines_answering"] for r in rows], where="post", linestyle=":",
-             label="teacher actors answering (last 30 s)")
+             label=f"teacher actors answering (last {WINDOW_S:g} s)")
     top.set_ylabel("count")
     top.legend(loc="upper left", fontsize=8)
     done = bottom.plot(t, [r["rows_done"] for r in rows], color="tab:green", label="rows done")
