@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline import storage
 from pipeline.config import resolve
 from pipeline.data.schema import write_json_atomic
 
@@ -134,7 +134,7 @@ def fingerprints(plain: dict[str, Any], chain: list[Stage]) -> dict[str, str]:
     """Stage name → sha256 of its own config groups (as derived for it) and its inputs' fingerprints."""
     out: dict[str, str] = {}
     for stage in chain:
-        derived = stage.derive(plain)
+        derived = storage.portable(stage.derive(plain))  # the same on every node, whatever its mirror's folder
         own = {group: derived.get(group) for group in stage.groups}
         if stage.entry == "label" and not derived["data"].get("build"):
             # a corpus of the user's own: its content, not only its paths (a bundled one follows data.build)
@@ -185,7 +185,7 @@ def run(cfg: Any) -> dict[str, str]:
         if stage.name in record and record[stage.name] != fp:
             for key in stage.outputs:
                 if key != "data_dir" or derived["data"].get("build"):  # only a corpus the pipeline built
-                    shutil.rmtree(derived["paths"][key], ignore_errors=True)
+                    storage.remove(derived["paths"][key])
             print(f"run: {stage.name} re-runs from scratch (its config or an upstream stage changed)", flush=True)
         else:
             print(f"run: {stage.name} runs", flush=True)
@@ -193,6 +193,7 @@ def run(cfg: Any) -> dict[str, str]:
         write_json_atomic(record_path, record)
         begin = time.perf_counter()
         _entry(stage.entry)(OmegaConf.create(derived))
+        storage.push(root)  # at a URI run root, what the next stage's workers read is there before it starts
         seconds[stage.name] = round(time.perf_counter() - begin, 1)
         record[stage.name] = fp
         write_json_atomic(record_path, record)

@@ -29,11 +29,14 @@ class PathsConfig:
 
     def __post_init__(self):
         for name, value in dataclasses.asdict(self).items():
+            if "://" in value and "://" in self.run_root:
+                raise ConfigError(f"paths.run_root={self.run_root} is a URI, which the ray_jobs entrypoints open "
+                                  "through a local mirror (pipeline/storage.py); run the stage through its entrypoint.")
             if "://" in value:  # pathlib would make s3://b/p a local folder named "s3:"
                 raise ConfigError(
-                    f"paths.{name}={value} is a URI, but every stage writes its artifacts to a filesystem path; on a "
-                    "cluster use storage every node mounts at one path (NFS, EFS, a bucket mounted with a FUSE "
-                    "driver) and give that path (the corpus itself, data.paths, may be any pyarrow URI).")
+                    f"paths.{name}={value} is a URI under a local paths.run_root ({self.run_root}); give the URI as "
+                    "paths.root or paths.run_root (the ray_jobs entrypoints work on a URI run root through a local "
+                    "mirror) and leave the other paths.* under it.")
 
 
 @dataclass

@@ -18,3 +18,7 @@ class LabelsError(DistillError):
 
 class ModelError(DistillError):
     """A model or tokenizer is missing or unusable."""
+
+
+class StorageError(DistillError):
+    """The run root's storage cannot be read or written."""

@@ -45,7 +45,9 @@ def init_ray(cluster: ClusterConfig, *asks: Ask) -> None:
 
     if not ray.is_initialized():
         check_local_fit(cluster, *asks)
-        env_vars = {k: str(v) for k, v in cluster.env_vars.items()}
+        from pipeline import storage
+
+        env_vars = {**storage.worker_env(), **{k: str(v) for k, v in cluster.env_vars.items()}}
         runtime_env: dict = {"env_vars": env_vars}
         kwargs = {}
         if is_embedded(cluster):
@@ -142,9 +144,10 @@ def entrypoint(cfg, name: str):
 
     from pipeline import console
 
+    with user_errors():
+        mirror = _open_run_root(cfg, name)
     try:
-        run_root = str(cfg.paths.run_root)
-        log = Path(run_root) / "logs" / f"{name}.log" if "://" not in run_root else None  # refused by the stage
+        log = Path(str(cfg.paths.run_root)) / "logs" / f"{name}.log"
     except Exception:  # noqa: BLE001 - a config that does not resolve is reported by the stage, as one sentence
         log = None
     if log is not None:
@@ -166,7 +169,14 @@ def entrypoint(cfg, name: str):
     signal.signal(signal.SIGTERM, interrupt)
     try:
         with user_errors():
-            yield
+            try:
+                yield
+            except BaseException:
+                if mirror:  # what a failed or interrupted stage wrote is kept: the same command continues from it
+                    _send_back(mirror, name, failing=True)
+                raise
+            if mirror:
+                _send_back(mirror, name)
     except BaseException as e:
         if not received or isinstance(e, SystemExit) and e.code == 0:
             raise
@@ -178,6 +188,47 @@ def entrypoint(cfg, name: str):
         print(f"{name}: stopped; the same command continues from what this run finished", file=sys.stderr,
               flush=True)
         sys.exit(130)
+
+
+def _open_run_root(cfg, name: str):
+    """A URI run root (pipeline/storage.py): the config pointed at this node's mirror, brought up to date."""
+    from pathlib import Path
+
+    from pipeline import storage
+    from pipeline.errors import StorageError
+
+    try:
+        mirror = storage.localize(cfg)
+    except ConfigError:
+        raise
+    except Exception:  # noqa: BLE001 - a config that does not resolve is reported by the stage, as one sentence
+        return None
+    if mirror:
+        print(f"{name}: run root {mirror.remote}, worked on in {mirror.local}", flush=True)
+        try:
+            storage.push(Path(mirror.local) / "logs")  # the log of a run killed here before it could send it
+            storage.pull(mirror.local)
+        except OSError as e:
+            raise StorageError(f"Cannot read the run root {mirror.remote} ({str(e).splitlines()[0][:200]}); check "
+                               "the URI and the storage's credentials (for S3: the AWS variables or profile, and "
+                               "AWS_ENDPOINT_URL for a server other than AWS).") from None
+    return mirror
+
+
+def _send_back(mirror, name: str, failing: bool = False) -> None:
+    from pipeline import storage
+    from pipeline.errors import StorageError
+
+    try:
+        storage.push(mirror.local)
+    except OSError as e:
+        sentence = (f"Cannot write the run root {mirror.remote} ({str(e).splitlines()[0][:200]}); what this run "
+                    f"made is kept in {mirror.local}, and the same command sends it once the storage answers.")
+        if not failing:
+            raise StorageError(sentence) from None
+        print(f"{name}: {sentence}", file=sys.stderr, flush=True)
+    else:
+        print(f"{name}: the run's files are in {mirror.remote}", flush=True)
 
 
 @contextlib.contextmanager

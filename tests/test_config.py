@@ -113,7 +113,9 @@ def _sibling_group(lines, i):
     (["label.concurrency=[1,many]"], r"^label.concurrency\[1\] has the wrong type"),
     (["+train.lora.rank=4"], r"^train.lora.rank is an unknown key; known keys there are \['alpha', 'dropout', 'r', "),
     (["paths.run_root=???"], r"^paths.run_root is missing"),
-    (["paths.root=s3://bucket/prefix"], r"^paths.root=s3://bucket/prefix is a URI, but every stage writes its "),
+    (["paths.root=s3://bucket/prefix"], r"^paths.run_root=s3://bucket/prefix/default is a URI, which the ray_jobs "
+                                        r"entrypoints open through a local mirror"),
+    (["paths.labels_dir=s3://bucket/labels"], r"^paths.labels_dir=s3://bucket/labels is a URI under a local "),
 ])
 def test_wrong_config_is_one_clear_sentence(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -194,16 +196,18 @@ def test_each_default_has_one_value(group, cls):
     walk(shipped, schema, group)
 
 
-def test_a_uri_run_root_is_refused_before_anything_is_written(tmp_path):
-    """`paths.root=s3://...` is refused with one sentence by every entrypoint, and nothing is written where the
-    command ran: Hydra's own run folder, which follows the run root, would have been a folder named `s3:` there."""
+def test_a_uri_run_root_with_a_credential_is_refused_before_anything_is_written(tmp_path):
+    """A run root whose URI carries a key is refused with one sentence by the entrypoint before any work, and
+    nothing is written where the command ran: Hydra's own run folder, which follows the run root, would have been a
+    folder named `s3:` there (pipeline/resolvers.py sends it to the temp dir)."""
     import subprocess
     import sys
 
     from conftest import REPO
 
     proc = subprocess.run([sys.executable, str(REPO / "ray_jobs" / "label.py"), "debug=tiny",
-                           "paths.root=s3://bucket/prefix"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                           "paths.root=s3://AKIAEXAMPLE:secret@bucket/prefix"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: paths.root=s3://bucket/prefix is a URI, but")
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: paths.run_root carries a credential in its URI")
     assert list(tmp_path.iterdir()) == []

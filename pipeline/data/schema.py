@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import storage
 from pipeline.errors import LabelsError
 
 SCHEMA_VERSION = 1
@@ -194,6 +195,7 @@ def write_json_atomic(path: str | Path, data: Any, sort_keys: bool = True) -> Pa
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # two writers never share a temporary file
     tmp.write_text(json.dumps(data, indent=2, sort_keys=sort_keys, default=str))
     tmp.replace(path)
+    storage.published(path)  # at a URI run root too, at once: a later run trusts this record
     return path
 
 
@@ -203,4 +205,6 @@ def write_table_atomic(table: pa.Table, path: Path) -> int:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # two attempts at one shard never share a file
     pq.write_table(table, tmp, **PARQUET_KWARGS)
     tmp.replace(path)
-    return path.stat().st_size
+    size = path.stat().st_size
+    storage.published(path)  # a label shard outlives its node and a killed driver at a URI run root
+    return size

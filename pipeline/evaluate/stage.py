@@ -26,6 +26,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline import storage
 from pipeline.config import EvaluateStage, ModelConfig, evaluate_stage
 from pipeline.data.schema import write_json_atomic, write_table_atomic
 from pipeline.console import progress, show
@@ -73,8 +74,9 @@ def student_path(student_dir: str, merged: Path) -> Path:
     kind, source, base, revision = find_student(student_dir)
     if kind == "model":
         return source
-    shutil.rmtree(merged, ignore_errors=True)
+    storage.remove(merged)
     merge_adapter(source, base, merged, revision=revision)
+    storage.push(merged)  # at a URI run root, where the engines on other nodes fetch it
     return merged
 
 
@@ -211,7 +213,7 @@ def cache_key(kind: str, model: ModelConfig, stage: EvaluateStage, heldout: Path
     payload = {"kind": kind, "model": model_fingerprint(model), "engine": dataclasses.asdict(model),
                "evaluate": settings, "heldout": hashlib.sha256(heldout.read_bytes()).hexdigest(),
                "reference": reference}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    return hashlib.sha256(json.dumps(storage.portable(payload), sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
 def _cached(cache: Path, key: str, with_reference: bool) -> tuple[dict[str, Any], pa.Table | None] | None:

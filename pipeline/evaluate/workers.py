@@ -64,6 +64,9 @@ class Scorer:
         import torch
         from transformers import AutoModelForCausalLM
 
+        from pipeline import storage
+
+        storage.fetched(model)  # a model in a URI run root's mirror, on this actor's node
         # the model's own dtype on a GPU (auto: bf16); float32 on CPU, where bf16 matmuls are slow and inexact
         self.device = "cuda" if use_gpu else "cpu"
         torch_dtype = getattr(torch, dtype if use_gpu and dtype != "auto" else "bfloat16" if use_gpu else "float32")

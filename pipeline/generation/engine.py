@@ -115,6 +115,9 @@ class VLLMGenerator:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM
 
+        from pipeline import storage
+
+        storage.fetched(spec.model)  # a model in a URI run root's mirror, on this actor's node
         self.spec = spec
         self.llm = LLM(**engine_kwargs(spec))
         self.actor = f"{socket.gethostname()}:{os.getpid()}"

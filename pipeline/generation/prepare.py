@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
+from pipeline import storage
 from pipeline.generation.reader import parse_row
 
 PREPARED_SCHEMA = pa.schema([
@@ -37,6 +38,8 @@ class PrepareSpec:
 @lru_cache(maxsize=4)
 def load_tokenizer(name_or_path: str, revision: str | None = None):
     from transformers import AutoTokenizer
+
+    storage.fetched(name_or_path)  # a model in a URI run root's mirror, on this task's node
 
     return AutoTokenizer.from_pretrained(name_or_path, revision=revision)
 
@@ -98,6 +101,7 @@ class RowLedger:
         self.done: set[tuple[str, int]] = set()
         self.ids: dict[str, tuple[str, int]] = {}  # id → the row (source, line) that holds it
         for folder, take_ids in ((labels_dir, True), (rejected_dir, False)):
+            storage.pull(folder)  # at a URI run root, this node's copy is made what the run root holds
             for shard in sorted(Path(folder).glob("part-*.parquet")):
                 t = pq.read_table(shard, columns=["source", "line", "id"])
                 keys = list(zip(t.column("source").to_pylist(), t.column("line").to_pylist()))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ray
 
+from pipeline import storage
 from pipeline.config import LabelStage
 from pipeline.generation.processor import ProcessorSpec, build_processor, read_corpus
 from pipeline.label.writer import write_batch
@@ -21,7 +22,9 @@ def processor_spec(stage: LabelStage, prep, teacher) -> ProcessorSpec:
 
 
 def build_dataset(stage: LabelStage, prep, teacher, ledger) -> "ray.data.Dataset":
-    ds = build_processor(processor_spec(stage, prep, teacher), ledger)(read_corpus(stage.data.paths))
+    # a corpus the run built in a URI run root's mirror is read from the run root, where every node finds it
+    paths = [storage.remote_of(p) or p for p in stage.data.paths]
+    ds = build_processor(processor_spec(stage, prep, teacher), ledger)(read_corpus(paths))
     return ds.map_batches(write_batch, fn_kwargs={"labels_dir": stage.paths.labels_dir,
                                                   "rejected_dir": stage.paths.rejected_dir},
                           batch_format="pyarrow", batch_size=None, num_cpus=0.25)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
-import shutil
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline import storage
 from pipeline.config import LabelStage, label_stage
 from pipeline.data.schema import MAX_VOCAB, Manifest, manifest_path, read_manifest, write_manifest
 from pipeline.errors import ConfigError, LabelsError
@@ -77,8 +77,8 @@ def check_resume(stage: LabelStage, manifest: Manifest) -> Manifest:
                       if k not in ("packages", "inputs") and asdict(old)[k] != v)
         raise ConfigError(f"{labels} holds labels made with a different config (changed: {', '.join(diff)}); "
                           "use another paths.run_root, or set label.overwrite=true to replace them.")
-    shutil.rmtree(labels)
-    shutil.rmtree(rejected, ignore_errors=True)
+    storage.remove(labels)
+    storage.remove(rejected)
     return fresh
 
 
@@ -88,6 +88,8 @@ def ensure_corpus(stage: LabelStage) -> None:
         from hydra.utils import instantiate
 
         instantiate(stage.data.build)
+        for path in stage.data.paths:
+            storage.push(path)  # where every node reads it, at a URI run root
 
 
 def run(cfg: Any) -> dict[str, Any]:
@@ -120,6 +122,9 @@ def run(cfg: Any) -> dict[str, Any]:
         summary = _consume(ds, resumed, count_rows(stage.data.paths),
                            Recorder("label", Path(stage.paths.run_root).name), timeline)
     summary["timeline"] = {"csv": str(timeline.csv), "png": str(timeline.png) if timeline.png.exists() else None}
+    for folder in (stage.paths.labels_dir, stage.paths.rejected_dir):  # at a URI run root, the shards other nodes
+        storage.push(folder)  # wrote are counted too
+        storage.pull(folder)
     summary.update(_totals(stage))
     if summary["rows_read"] == 0:  # e.g. every engine failed to start and Ray Data gave up without an error
         raise LabelsError(f"No row of {', '.join(stage.data.paths)} was labeled or rejected: the corpus is empty "
@@ -246,8 +251,9 @@ def _print_summary(s: dict[str, Any], stage: LabelStage) -> None:
         f"({run['tokens_per_s']} tok/s overall, {run['steady_tokens_per_s'] or 'n/a'} tok/s steady: after each "
         f"engine's first batch, {_percent(run['engine_busy'])} of it inside engine calls); "
         f"{s['bytes_per_scored_token']} bytes per scored token on disk\n"
-        f"label: labels in {stage.paths.labels_dir}, rejected rows (with reasons) in {stage.paths.rejected_dir}"
-        + (f", the run's timeline in {s['timeline']['png']}" if s["timeline"]["png"] else "")
+        f"label: labels in {storage.portable(stage.paths.labels_dir)}, rejected rows (with reasons) in "
+        f"{storage.portable(stage.paths.rejected_dir)}"
+        + (f", the run's timeline in {storage.portable(s['timeline']['png'])}" if s["timeline"]["png"] else "")
     )
 
 

@@ -125,7 +125,10 @@ def tokenizer_fingerprint(tokenizer) -> dict[str, Any]:
 def model_fingerprint(model: ModelConfig, role: str = "model") -> dict[str, Any]:
     """Hub id + the commit its revision resolves to for hub models; a content hash for local directories."""
     path = Path(model.name_or_path)
-    info: dict[str, Any] = {"name_or_path": model.name_or_path, "revision": model.revision, "dtype": model.dtype}
+    from pipeline import storage
+
+    info: dict[str, Any] = {"name_or_path": storage.portable(model.name_or_path), "revision": model.revision,
+                            "dtype": model.dtype}
     if not is_local(model.name_or_path):
         info["revision"] = resolve_revision(model.name_or_path, model.revision, role)
     elif path.is_dir():

@@ -16,6 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from pipeline import storage
 from pipeline.data.schema import read_manifest
 from pipeline.errors import ConfigError, ModelError
 from pipeline.quantize.card import write_card
@@ -42,6 +43,7 @@ def quantize_task(spec: dict[str, Any], held, calib) -> dict[str, Any]:
     device = "cuda" if gpu else "cpu"
     staging = Path(spec["staging"])
     src, timings = Path(spec["source"]), {}
+    storage.pull(src)  # at a URI run root, this node's copy of the student is brought up to date
     t0 = time.perf_counter()
     if spec["kind"] == "adapter":
         from pipeline.models.merge import merge_adapter
@@ -73,6 +75,7 @@ def quantize_task(spec: dict[str, Any], held, calib) -> dict[str, Any]:
     if spec["kind"] == "adapter":
         shutil.rmtree(src, ignore_errors=True)
     timings["total_s"] = round(time.perf_counter() - t0, 2)
+    storage.push(staging)  # at a URI run root, for the driver on its node
     return {"gate": verdict(before, after, asdict(q.max_quality_drop)), "sizes": sizes, "timings": timings,
             "device": device, "eval_dtype": str(eval_dtype).removeprefix("torch.")}
 
@@ -129,7 +132,7 @@ def run(cfg: Any) -> dict[str, Any]:
     out = Path(paths.quantized_dir)
     staging, rejected = out.with_name(f".{out.name}.staging"), out.with_name(f"{out.name}.rejected")
     for old in (staging, rejected):
-        shutil.rmtree(old, ignore_errors=True)
+        storage.remove(old)
     staging.parent.mkdir(parents=True, exist_ok=True)
     init_ray(stage.cluster)
     check_cluster_gpus(q, ray.cluster_resources().get("GPU", 0))
@@ -137,6 +140,7 @@ def run(cfg: Any) -> dict[str, Any]:
             "staging": str(staging), "k": labels.k}
     task = ray.remote(num_cpus=q.num_cpus, num_gpus=q.num_gpus)(quantize_task)
     result = ray.get(task.remote(spec, held, calib))
+    storage.pull(staging)  # at a URI run root, what the task's node sent
     manifest = {
         "method": q.method, "bits": q.bits, "quantize": asdict(q), "gate": result["gate"], "sizes": result["sizes"],
         "split": split_record(held, calib, stage.heldout_fraction), "timings": result["timings"],
@@ -149,11 +153,13 @@ def run(cfg: Any) -> dict[str, Any]:
     write_card(staging, manifest, lineage)
     if not result["gate"]["passed"]:
         staging.rename(rejected)
+        storage.remove(staging)
         raise QualityGateError(failure_sentence(result["gate"], q.method, q.bits, str(rejected)))
-    shutil.rmtree(out, ignore_errors=True)
+    storage.remove(out)
     staging.rename(out)
+    storage.remove(staging)
     d, s = result["gate"]["drop"], result["sizes"]
-    print(f"quantize: {q.method} {q.bits}-bit student in {out}: {s['quantized_bytes'] / 1e6:.2f} MB "
+    print(f"quantize: {q.method} {q.bits}-bit student in {storage.portable(str(out))}: {s['quantized_bytes'] / 1e6:.2f} MB "
           f"({s['ratio_to_bf16']:.2f} of bf16); gate passed (perplexity {d['perplexity']:+.2%}, top-1 agreement "
           f"{-d['top1_agreement']:+.3f}, KL {d['kl_to_teacher']:+.4f} nats; limits {asdict(q.max_quality_drop)})")
     return manifest

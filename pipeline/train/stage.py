@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import threading
 from dataclasses import asdict
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import storage
 from pipeline.config import TrainStage, train_stage, training_precision
 from pipeline.data.split import is_heldout, training_ids
 from pipeline.data.schema import Manifest, read_manifest, validate_labels_table, write_json_atomic
@@ -92,25 +92,25 @@ STUDENT_OUTPUTS = ("adapter", "model", "lineage.json", "metrics.jsonl", "eval.js
 def resume_config(stage: TrainStage, manifest: Manifest) -> dict[str, Any]:
     """What a run's checkpoints depend on: the labels, the student and every setting not in RESUMABLE."""
     t = asdict(stage.train)
-    return json.loads(json.dumps({
+    return json.loads(json.dumps(storage.portable({
         "labels": manifest.fingerprint(), "student": [stage.student.name_or_path, stage.student.revision],
         "train": {k: v for k, v in t.items() if k not in RESUMABLE}, "heldout_fraction": stage.heldout_fraction,
-        "loss": asdict(stage.loss), "deepspeed": stage.deepspeed}, default=str))
+        "loss": asdict(stage.loss), "deepspeed": stage.deepspeed}), default=str))
 
 
 def check_resume(stage: TrainStage, current: dict[str, Any]) -> bool:
     """Refuse to resume checkpoints written with a different config (DeepSpeed fails on some, such as another
     ZeRO stage, and trains on others as if nothing changed) unless told to start over; True: start over.
     Only settings both runs know are compared, so a setting added in a later version does not count."""
-    storage = Path(stage.paths.train_storage)
-    if not (storage / "train").exists() or not (storage / RUN_CONFIG).exists():
+    folder = Path(stage.paths.train_storage)  # Ray Train's run folder is at a URI run root itself
+    if not storage.exists(folder / "train") or not (folder / RUN_CONFIG).exists():
         return False
-    old = json.loads((storage / RUN_CONFIG).read_text())
+    old = json.loads((folder / RUN_CONFIG).read_text())
     changed = sorted({f"train.{k}" for k in set(old.get("train", {})) & set(current["train"])
                       if old["train"][k] != current["train"][k]}
                      | {k for k in set(old) & set(current) if k != "train" and old[k] != current[k]})
     if changed and not stage.train.overwrite:
-        raise ConfigError(f"{storage} holds checkpoints of a run with a different config (changed: "
+        raise ConfigError(f"{storage.remote_of(folder) or folder} holds checkpoints of a run with a different config (changed: "
                           f"{', '.join(changed)}); re-run that config to resume it, use another paths.run_root, "
                           "or set train.overwrite=true to start over.")
     if changed:
@@ -120,17 +120,13 @@ def check_resume(stage: TrainStage, current: dict[str, Any]) -> bool:
 
 def record_run(stage: TrainStage, current: dict[str, Any], start_over: bool) -> None:
     """Remove the old run's checkpoints and student outputs when starting over; record this run's config."""
-    storage = Path(stage.paths.train_storage)
+    folder = Path(stage.paths.train_storage)
     if start_over:
-        shutil.rmtree(storage / "train")
+        storage.remove(folder / "train")
         for name in STUDENT_OUTPUTS:
-            path = Path(stage.paths.student_dir) / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
-    storage.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(storage / RUN_CONFIG, current)
+            storage.remove(Path(stage.paths.student_dir) / name)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / RUN_CONFIG, current)
 
 
 def _under(path: str, root: str) -> str:
@@ -202,7 +198,8 @@ def run(cfg: Any) -> dict[str, Any]:
     def trained(i: str) -> bool:
         return i in keep if keep is not None else not is_heldout(i, fraction)
 
-    dataset = ray.data.read_parquet(shards, columns=["id", *REQUIRED_COLUMNS]).map_batches(
+    # at a URI run root, read where every node finds them
+    dataset = ray.data.read_parquet([storage.remote_of(s) or s for s in shards], columns=["id", *REQUIRED_COLUMNS]).map_batches(
         lambda b: b.filter(pa.array([trained(i) for i in b.column("id").to_pylist()], pa.bool_())),
         batch_format="pyarrow")
     # Ray Train's controller collects one report per worker each poll and a worker's next report waits for that:
@@ -213,7 +210,8 @@ def run(cfg: Any) -> dict[str, Any]:
         train_loop, train_loop_config=asdict(spec),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker}),
-        run_config=RunConfig(name="train", storage_path=stage.paths.train_storage,
+        run_config=RunConfig(name="train", storage_path=storage.remote_of(stage.paths.train_storage)
+                             or stage.paths.train_storage,
                              checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=t.max_failures)),
         datasets={"train": dataset},
@@ -223,7 +221,7 @@ def run(cfg: Any) -> dict[str, Any]:
     curves = plot_losses(Path(stage.paths.student_dir))
     summary = {"steps": total_steps, "rows": rows, "metrics": result.metrics, "student_dir": stage.paths.student_dir,
                "loss_plot": str(curves) if curves else None}
-    print(f"train: {total_steps} steps on {rows} labeled rows; student in {stage.paths.student_dir}")
+    print(f"train: {total_steps} steps on {rows} labeled rows; student in {storage.portable(stage.paths.student_dir)}")
     return summary
 
 

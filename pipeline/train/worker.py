@@ -417,4 +417,7 @@ def _save_student(engine, spec: WorkerSpec, rank: int) -> None:
                 tokenizer.save_pretrained(out / sub)
         from pipeline.data.schema import write_json_atomic
 
+        from pipeline import storage
+
+        storage.push(out)  # at a URI run root, from the node that saved it
         write_json_atomic(out / "lineage.json", spec.lineage)  # written last: the chain's mark that train finished
