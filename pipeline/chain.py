@@ -193,7 +193,8 @@ def run(cfg: Any) -> dict[str, str]:
         write_json_atomic(record_path, record)
         begin = time.perf_counter()
         _entry(stage.entry)(OmegaConf.create(derived))
-        storage.push(root)  # at a URI run root, what the next stage's workers read is there before it starts
+        storage.push(root)  # at a URI run root, what the next stage's workers read is there before it starts,
+        storage.pull(root)  # and what workers on other nodes sent is here for the next stage's driver
         seconds[stage.name] = round(time.perf_counter() - begin, 1)
         record[stage.name] = fp
         write_json_atomic(record_path, record)

@@ -192,10 +192,7 @@ def entrypoint(cfg, name: str):
 
 def _open_run_root(cfg, name: str):
     """A URI run root (pipeline/storage.py): the config pointed at this node's mirror, brought up to date."""
-    from pathlib import Path
-
     from pipeline import storage
-    from pipeline.errors import StorageError
 
     try:
         mirror = storage.localize(cfg)
@@ -205,13 +202,7 @@ def _open_run_root(cfg, name: str):
         return None
     if mirror:
         print(f"{name}: run root {mirror.remote}, worked on in {mirror.local}", flush=True)
-        try:
-            storage.push(Path(mirror.local) / "logs")  # the log of a run killed here before it could send it
-            storage.pull(mirror.local)
-        except OSError as e:
-            raise StorageError(f"Cannot read the run root {mirror.remote} ({str(e).splitlines()[0][:200]}); check "
-                               "the URI and the storage's credentials (for S3: the AWS variables or profile, and "
-                               "AWS_ENDPOINT_URL for a server other than AWS).") from None
+        storage.pull(mirror.local)  # a killed run's files here that it never sent (its log) stay, and go at the end
     return mirror
 
 
@@ -221,9 +212,8 @@ def _send_back(mirror, name: str, failing: bool = False) -> None:
 
     try:
         storage.push(mirror.local)
-    except OSError as e:
-        sentence = (f"Cannot write the run root {mirror.remote} ({str(e).splitlines()[0][:200]}); what this run "
-                    f"made is kept in {mirror.local}, and the same command sends it once the storage answers.")
+    except StorageError as e:
+        sentence = f"{e} What this run made is kept in {mirror.local}; the same command sends it."
         if not failing:
             raise StorageError(sentence) from None
         print(f"{name}: {sentence}", file=sys.stderr, flush=True)

@@ -128,8 +128,8 @@ def _started_early(request):
     uses = set().union(*(item.fixturenames for item in request.session.items))
     if "chain" in uses:
         hub = request.getfixturevalue("hub_models")
-        root = request.getfixturevalue("tmp_path_factory").mktemp("chain")
-        args = _chain_args(root, hub)
+        uri, root = on_s3(hub, request.getfixturevalue("tmp_path_factory").mktemp("chain").name)
+        args = _chain_args(uri, root, hub)
         from ray_head import Scraper
 
         port = free_port()  # the chain's embedded Ray serves its metrics there; scraped every second while it runs
@@ -176,10 +176,22 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def hub_models(tiny_models, tmp_path_factory) -> dict:
+def s3():
+    """An S3-compatible server on 127.0.0.1 for the session (tests/s3_server.py, moto's): the run roots of the chain
+    and of the submitted label run live in its bucket."""
+    from s3_server import S3Server
+
+    with S3Server(free_port()) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def hub_models(tiny_models, tmp_path_factory, s3) -> dict:
     """The tiny teacher and student published as hub repos `ray-distill/tiny-teacher` and `ray-distill/tiny-student`
     (tag `v1`) in a Hugging Face cache, with the offline environment that loads them from it: the code path of a
-    user whose models come from the hub, without a network. Overrides select them in place of the local builds."""
+    user whose models come from the hub, without a network. Overrides select them in place of the local builds.
+    The environment also reaches the session's S3 server (`s3`), with this machine's mirrors of run roots there
+    under one cache folder (`on_s3`)."""
     from hub_cache import offline_env, publish
 
     cache = tmp_path_factory.mktemp("hf-cache")
@@ -188,7 +200,14 @@ def hub_models(tiny_models, tmp_path_factory) -> dict:
     overrides = [f"{role}.{key}={value}" for role in ("teacher", "student")
                  for key, value in (("name_or_path", f"ray-distill/tiny-{role}"), ("revision", "v1"),
                                     ("build", "null"))]
-    return {"cache": cache, "env": offline_env(cache), "commits": commits, "overrides": overrides}
+    env = {**offline_env(cache), **s3.env, "RAY_DISTILL_CACHE": str(tmp_path_factory.mktemp("node-cache"))}
+    return {"cache": cache, "env": env, "commits": commits, "overrides": overrides, "s3": s3}
+
+
+def on_s3(hub: dict, name: str) -> tuple[str, Path]:
+    """A run root in the session's bucket: its URI, and this machine's mirror of it (what the run wrote, as files)."""
+    bucket = hub["s3"].bucket
+    return f"s3://{bucket}/{name}", Path(hub["env"]["RAY_DISTILL_CACHE"]) / "mirror" / "s3" / bucket / name
 
 
 @pytest.fixture(scope="session")
@@ -215,8 +234,9 @@ def submitted_label_run(ray_head, hub_models, tmp_path_factory) -> dict:
     named by hub id and tag. First run here and SIGKILLed — driver, embedded Ray and vLLM at once — as soon as its
     first shards are written; then the same command is submitted as a Ray job to the real head (`ray job submit
     --working-dir .`) and finishes the rest. The label stage's generate run, its kill and resume included, for
-    tests/test_label_stage.py, and the cluster path's label job for tests/test_ray_job_submit.py. The head's
-    Prometheus endpoint is scraped every second while the job runs (`scraped`: the project's metrics)."""
+    tests/test_label_stage.py, and the cluster path's label job for tests/test_ray_job_submit.py. Its run root is in
+    the session's S3 bucket (`root`: this machine's mirror of it), so the killed run's shards are resumed from there.
+    The head's Prometheus endpoint is scraped every second while the job runs (`scraped`: the project's metrics)."""
     import signal
     import time
 
@@ -225,9 +245,10 @@ def submitted_label_run(ray_head, hub_models, tmp_path_factory) -> dict:
     from labels_check import read_dir, write_corpus
     from ray_head import Scraper, submit
 
-    root = tmp_path_factory.mktemp("label-generate")
-    paths, good, total = write_corpus(root / "corpus", 400, with_response=False, seed=3)
-    args = ["ray_jobs/label.py", "debug=tiny", f"paths.run_root={root}", "data.build=null",
+    corpus = tmp_path_factory.mktemp("label-generate")
+    uri, root = on_s3(hub_models, corpus.name)  # the run root in the session's bucket, its shards sent as written
+    paths, good, total = write_corpus(corpus / "corpus", 400, with_response=False, seed=3)
+    args = ["ray_jobs/label.py", "debug=tiny", f"paths.run_root={uri}", "data.build=null",
             f"data.paths=[{','.join(str(p) for p in paths)}]", "label.mode=generate", "label.max_response_tokens=48",
             *hub_models["overrides"]]
     killed = subprocess.Popen([sys.executable, str(REPO / args[0]), *args[1:], "label.batch_size=4",
@@ -262,16 +283,17 @@ ALL_LINEAR = "train.lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,u
 def chain(tmp_path_factory, hub_models):
     """One tiny chain run (ray_jobs/run.py: SFT teacher → label → train → quantize → evaluate) on the hub models,
     both trainings under ZeRO-3 with optimizer states and parameters offloaded to CPU memory (the teacher's SFT:
-    full fine-tuning; the student's KD: LoRA), with the LM head fused into the loss (64 positions a chunk). The
-    chain's tests (tests/test_chain.py) and the job-submitted serve test (its quantized student) use its run root.
-    Returns (run root, its overrides, the finished process, hub_models)."""
+    full fine-tuning; the student's KD: LoRA), with the LM head fused into the loss (64 positions a chunk). Its run
+    root is in the session's S3 bucket (`on_s3`). The chain's tests (tests/test_chain.py) and the job-submitted serve
+    test (its quantized student) use it. Returns (this machine's mirror of the run root, the run's overrides, the
+    finished process, hub_models)."""
     if "chain" in _EARLY:  # started with the session
         root, args, job, hub = _EARLY["chain"]
         proc = job.result()
         _EARLY["figures"].__exit__()
         return root, args, proc, hub
-    root = tmp_path_factory.mktemp("chain")
-    args = _chain_args(root, hub_models)
+    uri, root = on_s3(hub_models, tmp_path_factory.mktemp("chain").name)
+    args = _chain_args(uri, root, hub_models)
     return root, args, run_job("run.py", *args, env=hub_models["env"]), hub_models
 
 
@@ -283,7 +305,7 @@ def chain_figures(chain) -> list:
     return _EARLY["figures"].samples
 
 
-def _chain_args(root: Path, hub_models: dict) -> list[str]:
-    return ["debug=tiny", f"paths.run_root={root}", *hub_models["overrides"], "run.teacher_sft.enabled=true",
+def _chain_args(uri: str, root: Path, hub_models: dict) -> list[str]:
+    return ["debug=tiny", f"paths.run_root={uri}", *hub_models["overrides"], "run.teacher_sft.enabled=true",
             "train.lr=1e-2", "train.epochs=6", ALL_LINEAR, "deepspeed=zero3_offload", "train.loss_chunk_tokens=64",
-            f"evaluate.baseline_path={root}/teacher_sft/student/model"]
+            f"evaluate.baseline_path={uri}/teacher_sft/student/model"]

@@ -93,11 +93,53 @@ def test_hub_models_are_loaded_by_id_at_the_pinned_commit(chain):
     assert not (root / "models").exists()  # nothing was built locally: both models came from the cache
 
 
-def test_a_second_run_skips_every_stage(chain):
+def test_a_second_run_skips_every_stage(chain, tmp_path):
+    """Run again from a second machine, its cache empty: the run root in the bucket alone holds the whole run (the
+    fingerprints name run-root paths as URIs, not as this machine's mirror), so every stage is skipped."""
     root, args, _, hub = chain
-    proc = run_job("run.py", *args, env=hub["env"])
+    proc = run_job("run.py", *args, env={**hub["env"], "RAY_DISTILL_CACHE": str(tmp_path / "second-node")})
     for stage in STAGES:
-        assert f"run: {stage} skipped" in proc.stdout
+        assert f"run: {stage} skipped" in proc.stdout, proc.stdout[-3000:]
+    assert (tmp_path / "second-node" / "mirror" / "s3" / hub["s3"].bucket / root.name / "chain.json").exists()
+
+
+def test_the_run_root_is_in_the_bucket_and_holds_no_credential(chain):
+    """`paths.run_root=s3://...`: every stage's artifacts are objects in the bucket (Ray Train's checkpoints written
+    there by Ray Train itself), every corpus row is labeled exactly once there, and no credential of the session's
+    (the AWS variables the run read) is in any object, nor in any file of this machine's mirror, logs included."""
+    import pyarrow.dataset as pads
+
+    from s3_server import ACCESS_KEY, SECRET_KEY
+
+    root, _, proc, hub = chain
+    s3, prefix = hub["s3"], root.name
+    assert f"run: the run's files are in s3://{s3.bucket}/{prefix}" in proc.stdout
+    files = s3.files(prefix)
+    for wanted in ("data/arithmetic-train.jsonl", "teacher_sft/student/model/model.safetensors",
+                   "labels/manifest.json", "labels/timeline.csv", "train/ray-distill-train.json",
+                   "student/lineage.json", "student/adapter/adapter_model.safetensors", "student/metrics.jsonl",
+                   "quantized/model.safetensors", "quantized/manifest.json", "eval/metrics.json", "eval/report.md",
+                   "chain.json", "logs/run.log"):
+        assert f"{prefix}/{wanted}" in files, f"{wanted} is not in the bucket"
+    assert any("/train/train/checkpoint_" in k for k in files), "Ray Train wrote no checkpoint to the bucket"
+    assert not any("staging" in k for k in files)
+    fs = s3.filesystem()
+    with fs.open_input_stream(f"{s3.bucket}/{prefix}/data/arithmetic-train.jsonl") as f:
+        rows = len(f.read().splitlines())
+    keys = []
+    for folder in ("labels", "rejected"):
+        if any(k.startswith(f"{prefix}/{folder}/part-") for k in files):
+            table = pads.dataset(f"{s3.bucket}/{prefix}/{folder}", filesystem=fs, format="parquet",
+                                 exclude_invalid_files=True).to_table(columns=["source", "line"])
+            keys += list(zip(table.column("source").to_pylist(), table.column("line").to_pylist()))
+    assert len(keys) == len(set(keys)) == rows
+    for key in files:
+        with fs.open_input_stream(f"{s3.bucket}/{key}") as f:
+            data = f.read()
+        assert ACCESS_KEY.encode() not in data and SECRET_KEY.encode() not in data, key
+    for file in (p for p in root.rglob("*") if p.is_file()):
+        data = file.read_bytes()
+        assert ACCESS_KEY.encode() not in data and SECRET_KEY.encode() not in data, file
 
 
 def test_a_changed_setting_reruns_its_stage_and_downstream_only(chain, ray_head):

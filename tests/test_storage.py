@@ -52,12 +52,15 @@ def test_a_stage_s_files_reach_the_run_root_and_come_back_on_another_node(s3, mi
     storage.pull(other.local)
     assert (os.path.getsize(f"{other.local}/student/model/w.bin"), open(f"{other.local}/labels/manifest.json").read()) \
         == (1000, (local / "labels" / "manifest.json").read_text())
-    # a stale file there that the run root no longer holds is dropped by pull, kept by fetched (not sent yet)
-    open(f"{other.local}/student/model/stale.bin", "w").write("old")
+    # a file written there and never sent (a killed run's) stays, and goes with the next push; a copy that was in
+    # step and is gone from the run root (another node started over) goes here too, and is never sent back
+    open(f"{other.local}/student/model/unsent.bin", "w").write("new")
+    s3.filesystem().delete_file(f"{s3.bucket}/{prefix}/student/model/w.bin")
     storage.fetched(f"{other.local}/student/model")
-    assert os.path.exists(f"{other.local}/student/model/stale.bin")
-    storage.pull(other.local)
-    assert not os.path.exists(f"{other.local}/student/model/stale.bin")
+    assert os.path.exists(f"{other.local}/student/model/unsent.bin")
+    assert not os.path.exists(f"{other.local}/student/model/w.bin")
+    storage.push(other.local)
+    assert set(s3.files(f"{prefix}/student")) == {f"{prefix}/student/model/unsent.bin"}
 
 
 def test_a_file_changed_at_the_run_root_is_not_overwritten_by_an_older_copy(s3, mirror, tmp_path):
@@ -105,7 +108,9 @@ def test_remove_and_exists_see_both_sides(s3, mirror, tmp_path):
 
 @pytest.mark.parametrize("uri, says", [
     ("s3://AKIAEXAMPLE:secret@bucket/runs", "carries a credential in its URI"),
-    ("s3://bucket/runs?access_key=AKIAEXAMPLE&secret_key=x", "carries a credential in its URI"),
+    ("s3://AKIAEXAMPLE@bucket/runs", "carries a credential in its URI"),
+    ("s3://bucket/runs?access_key=AKIAEXAMPLE&secret_key=x", "carries options after '\\?' or '#'"),
+    ("s3://bucket/runs?region=us-east-1", "carries options after"),
     ("nosuchfs://bucket/runs", "cannot be opened"),
 ])
 def test_a_run_root_uri_that_names_a_credential_or_no_filesystem_is_refused(uri, says):
@@ -129,5 +134,5 @@ def test_a_run_root_the_storage_does_not_answer_is_one_sentence(tmp_path):
                            "paths.root=s3://bucket/prefix"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=120, env=env_with(closed, tmp_path / "cache"))
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: Cannot read the run root s3://bucket/prefix/default (")
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: Cannot read s3://bucket/prefix/default (")
     assert not (tmp_path / "cache" / "mirror" / "s3" / "bucket" / "prefix" / "default" / "labels").exists()

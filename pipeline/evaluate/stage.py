@@ -102,7 +102,7 @@ def models_to_evaluate(stage: EvaluateStage) -> dict[str, ModelConfig]:
         models["quantized"] = ModelConfig(str(quantized), dtype="auto", max_model_len=stage.student.max_model_len,
                                           tensor_parallel_size=stage.student.tensor_parallel_size)
     if stage.evaluate.baseline_path:  # a hub id, an HF directory, or a train-stage output (model/ or adapter/)
-        base = stage.evaluate.baseline_path
+        base = storage.local_of(stage.evaluate.baseline_path)  # a URI inside a URI run root: its mirror's copy
         if is_local(base) and not (Path(base) / "config.json").exists():
             base = str(student_path(base, Path(stage.paths.eval_dir) / "baseline-merged"))
         models["sft_baseline"] = pin_revision(dataclasses.replace(stage.student, name_or_path=base, revision=None),

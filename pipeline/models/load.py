@@ -87,6 +87,9 @@ def ensure_model(model: ModelConfig, role: str) -> None:
         from hydra.utils import instantiate
 
         instantiate(model.build, out_dir=str(path))
+        from pipeline import storage
+
+        storage.push(path)  # in a URI run root, where workers on every node fetch it
         return
     if model.build:
         raise ModelError(f"{role}.build makes a local model, but {role}.name_or_path={model.name_or_path} is a hub "

@@ -35,6 +35,10 @@ def find_student(student_dir: str) -> StudentFiles:
         lineage = root / "lineage.json"
         record = json.loads(lineage.read_text()) if lineage.exists() else {}
         base, revision = record.get("student_base"), record.get("student_revision")
+        if base:
+            from pipeline import storage
+
+            base = storage.local_of(base)  # a base in a URI run root, recorded as its URI
         if not base:
             config = json.loads((adapter / "adapter_config.json").read_text())
             base, revision = config.get("base_model_name_or_path"), config.get("revision")

@@ -44,6 +44,9 @@ def quantize_task(spec: dict[str, Any], held, calib) -> dict[str, Any]:
     staging = Path(spec["staging"])
     src, timings = Path(spec["source"]), {}
     storage.pull(src)  # at a URI run root, this node's copy of the student is brought up to date
+    shutil.rmtree(staging, ignore_errors=True)  # on this node: nothing stale goes up with the new model
+    if spec["kind"] == "adapter":
+        storage.fetched(spec["base"])  # a base model in the run root (a tiny one built there)
     t0 = time.perf_counter()
     if spec["kind"] == "adapter":
         from pipeline.models.merge import merge_adapter
@@ -151,18 +154,25 @@ def run(cfg: Any) -> dict[str, Any]:
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
     (staging / "lineage.json").write_text(json.dumps(lineage, indent=2, sort_keys=True))
     write_card(staging, manifest, lineage)
+    storage.push(staging)  # at a URI run root: whole there before the old model goes
     if not result["gate"]["passed"]:
-        staging.rename(rejected)
-        storage.remove(staging)
+        _replace(staging, rejected)
         raise QualityGateError(failure_sentence(result["gate"], q.method, q.bits, str(rejected)))
-    storage.remove(out)
-    staging.rename(out)
-    storage.remove(staging)
+    _replace(staging, out)
     d, s = result["gate"]["drop"], result["sizes"]
     print(f"quantize: {q.method} {q.bits}-bit student in {storage.portable(str(out))}: {s['quantized_bytes'] / 1e6:.2f} MB "
           f"({s['ratio_to_bf16']:.2f} of bf16); gate passed (perplexity {d['perplexity']:+.2%}, top-1 agreement "
           f"{-d['top1_agreement']:+.3f}, KL {d['kl_to_teacher']:+.4f} nats; limits {asdict(q.max_quality_drop)})")
     return manifest
+
+
+def _replace(staging: Path, target: Path) -> None:
+    """The staged model becomes `target` (the old one goes); at a URI run root the new copy is sent before the staged
+    one is deleted there, so a run killed in between leaves one whole model at the run root."""
+    storage.remove(target)
+    staging.rename(target)
+    storage.push(target, moved=True)
+    storage.remove(staging)
 
 
 def _lineage(paths, kind: str, source: Path, base: str | None, labels) -> dict[str, Any]:

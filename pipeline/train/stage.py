@@ -188,11 +188,11 @@ def run(cfg: Any) -> dict[str, Any]:
         merge=t.merge, seed=t.seed, sequence_parallel_size=t.sequence_parallel_size, cache_shard_mb=t.cache_shard_mb,
         shuffle=t.shuffle,
         eval_rows=heldout_rows(shards, fraction, t.max_eval_rows),
-        lineage={"labels_manifest": str(Path(stage.paths.labels_dir) / "manifest.json"),
+        lineage=storage.portable({"labels_manifest": str(Path(stage.paths.labels_dir) / "manifest.json"),
                  "labels_fingerprint": manifest.fingerprint(), "student_base": stage.student.name_or_path,
                  "student_revision": stage.student.revision,
                  "train": asdict(t), "heldout_fraction": fraction, "loss": asdict(stage.loss),
-                 "deepspeed": stage.deepspeed},
+                 "deepspeed": stage.deepspeed}),  # in a URI run root, its paths as URIs: any node reads it
     )
     init_ray(stage.cluster, workers)
     def trained(i: str) -> bool:
@@ -218,6 +218,7 @@ def run(cfg: Any) -> dict[str, Any]:
     )
     with _steps_progress(Path(stage.paths.student_dir) / "metrics.jsonl", total_steps):
         result = interruptible(trainer.fit)  # Ctrl-C reaches the entrypoint, not Ray Train's own handler
+    storage.pull(stage.paths.student_dir)  # at a URI run root: what rank 0 sent from its node
     curves = plot_losses(Path(stage.paths.student_dir))
     summary = {"steps": total_steps, "rows": rows, "metrics": result.metrics, "student_dir": stage.paths.student_dir,
                "loss_plot": str(curves) if curves else None}

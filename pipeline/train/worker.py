@@ -87,6 +87,9 @@ def build_student(spec: WorkerSpec):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from pipeline import storage
+
+    storage.fetched(spec.student)  # a base model in a URI run root (a tiny one built there), on this node
     # loaded in the precision it trains in (DeepSpeed keeps fp32 master weights for bf16/fp16 in its optimizer)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[spec.precision]
     # sdpa: the attention Ulysses sequence parallelism wraps (and the fast one on CPU and GPU alike)
@@ -159,6 +162,10 @@ def train_loop(config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     consumed = engine.global_steps * spec.gradient_accumulation_steps
     metrics_path = Path(spec.student_dir) / "metrics.jsonl"
+    if rank == 0:  # at a URI run root, what rank 0's node holds of the student is what the run root holds
+        from pipeline import storage
+
+        storage.pull(spec.student_dir)
     figures = Recorder("train", spec.run_name) if rank == 0 else None
     data_ranks = dist.get_world_size() // sp_size  # each sequence-parallel group counts once
     heldout = partial(evaluate_heldout, engine, spec, mpu, data_ranks, pad, rank)
