@@ -202,7 +202,8 @@ def _open_run_root(cfg, name: str):
         return None
     if mirror:
         print(f"{name}: run root {mirror.remote}, worked on in {mirror.local}", flush=True)
-        storage.pull(mirror.local)  # a killed run's files here that it never sent (its log) stay, and go at the end
+        storage.push(mirror.local)  # what a run killed here never sent (a shard, its log) reaches the other nodes
+        storage.pull(mirror.local)
     return mirror
 
 

@@ -159,11 +159,16 @@ def published(path: str | Path) -> None:
         _upload(Path(path), *where)
 
 
+def moved(path: str | Path) -> None:
+    """A folder renamed within the mirror: its files' marks speak of their old place, so they count as never sent."""
+    for _, file in _local_files(Path(path)):
+        os.utime(file)
+
+
 @_reported("write")
-def push(path: str | Path, moved: bool = False) -> None:
+def push(path: str | Path) -> None:
     """Send a folder (or file) of the mirror to the run root: each file the run root lacks and that was never in step
-    with it, or holds an older copy of. Hidden folders (a stage's staging area) go only when pushed by name.
-    `moved`: the folder was renamed here, so its files' marks speak of their old place and every one goes."""
+    with it, or holds an older copy of. Hidden folders (a stage's staging area) go only when pushed by name."""
     where = _where(path)
     if where is None or not Path(path).exists():
         return
@@ -173,7 +178,7 @@ def push(path: str | Path, moved: bool = False) -> None:
         return
     remote = _listing(fs, key)
     for rel, file in _local_files(Path(path)):
-        if moved or _to_send(file, remote.get(rel)):
+        if _to_send(file, remote.get(rel)):
             _upload(file, fs, f"{key}/{rel}")
 
 
@@ -189,8 +194,11 @@ def pull(path: str | Path) -> None:
     remote = _listing(fs, key)
     local = Path(path)
     for rel, file in _local_files(local):
-        if rel not in remote and _in_step_once(file):
-            file.unlink()
+        try:
+            if rel not in remote and _in_step_once(file):
+                file.unlink()
+        except FileNotFoundError:  # another process on this node pulling the same folder took it first
+            pass
     for rel, (size, mtime) in sorted(remote.items()):
         target = local / rel
         if target.is_file() and not _to_fetch(target, size, mtime):
@@ -330,6 +338,22 @@ def _to_fetch(file: Path, size: int, mtime: int) -> bool:
     return _in_step_once(file) or here < mtime
 
 
+def check_marks(folder: str) -> None:
+    """The mirror keeps its sync state in nanoseconds of modification times: refuse a folder whose filesystem drops
+    them (FAT, SMB, some network filesystems), where deleted files would come back."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    probe = Path(folder) / f".probe.{os.getpid()}.tmp"
+    probe.write_bytes(b"")
+    try:
+        _mark_in_step(probe, 1_700_000_000)
+        kept = _in_step_once(probe)
+    finally:
+        probe.unlink(missing_ok=True)
+    if not kept:
+        raise ConfigError(f"The mirror folder {folder} is on a filesystem that keeps no nanoseconds in file times, "
+                          f"which the mirror's sync relies on; point {CACHE_ENV} at a local disk.")
+
+
 def _first_line(error: BaseException) -> str:
     return (str(error).splitlines() or [type(error).__name__])[0][:200]
 
@@ -345,6 +369,7 @@ def localize(cfg) -> Mirror | None:
     if not is_uri(run_root):
         return None  # a URI among the other paths is refused by the stage's PathsConfig
     check_uri(run_root, "paths.run_root")
+    check_marks(mirror_of(run_root))
     if is_uri(paths["root"]):
         check_uri(str(paths["root"]), "paths.root")
     mirror = Mirror(run_root, mirror_of(run_root))

@@ -87,6 +87,23 @@ def test_a_file_changed_at_the_run_root_is_not_overwritten_by_an_older_copy(s3, 
     assert s3.files(f"unit/{tmp_path.name}")[f"unit/{tmp_path.name}/student.txt"] == len("changed here, longer")
 
 
+def test_a_model_moved_into_place_is_kept_until_it_is_sent(s3, mirror, tmp_path):
+    """Quantize stages its model, sends it, then renames it into place: until the renamed folder is sent, its files
+    count as never sent, so a run killed in between loses neither copy (the next pull keeps them, its push sends them)."""
+    from pipeline import storage
+
+    local = mirror.local
+    os.makedirs(f"{local}/.quantized.staging")
+    open(f"{local}/.quantized.staging/model.bin", "w").write("4-bit")
+    storage.push(f"{local}/.quantized.staging")
+    os.rename(f"{local}/.quantized.staging", f"{local}/quantized")
+    storage.moved(f"{local}/quantized")
+    storage.pull(local)  # the next run's start, after a kill before the push
+    assert open(f"{local}/quantized/model.bin").read() == "4-bit"
+    storage.push(local)
+    assert f"unit/{tmp_path.name}/quantized/model.bin" in s3.files(f"unit/{tmp_path.name}")
+
+
 def test_remove_and_exists_see_both_sides(s3, mirror, tmp_path):
     from pipeline import storage
 
@@ -134,5 +151,5 @@ def test_a_run_root_the_storage_does_not_answer_is_one_sentence(tmp_path):
                            "paths.root=s3://bucket/prefix"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=120, env=env_with(closed, tmp_path / "cache"))
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: Cannot read s3://bucket/prefix/default (")
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: Cannot write s3://bucket/prefix/default (")
     assert not (tmp_path / "cache" / "mirror" / "s3" / "bucket" / "prefix" / "default" / "labels").exists()

@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+from pipeline import storage
 from pipeline.monitoring import WINDOW_S, WindowRate, engines_answering
 
 log = logging.getLogger("ray_distill.label")
@@ -50,7 +51,7 @@ class Timeline:
         self.start = time.time()
         self.rate = WindowRate(self.start, window_s=RATE_WINDOW_S)
         self.last_rows = 0
-        self.png.unlink(missing_ok=True)  # an earlier run's picture is not this run's
+        storage.remove(self.png)  # an earlier run's picture is not this run's (at a URI run root, there too)
         with self.csv.open("w", newline="") as f:
             csv.writer(f).writerow(COLUMNS)
         self.thread.start()

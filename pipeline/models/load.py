@@ -82,6 +82,9 @@ def ensure_model(model: ModelConfig, role: str) -> None:
     """Build a missing tiny model from its `build` spec; refuse a missing local path with one sentence."""
     path = Path(model.name_or_path)
     if (path / "config.json").exists():
+        from pipeline import storage
+
+        storage.push(path)  # in a URI run root: a model built by a run killed before it sent it
         return
     if model.build and is_local(model.name_or_path):
         from hydra.utils import instantiate

@@ -171,7 +171,8 @@ def _replace(staging: Path, target: Path) -> None:
     one is deleted there, so a run killed in between leaves one whole model at the run root."""
     storage.remove(target)
     staging.rename(target)
-    storage.push(target, moved=True)
+    storage.moved(target)  # its files count as never sent until they are: a run killed now keeps them here
+    storage.push(target)
     storage.remove(staging)
 
 

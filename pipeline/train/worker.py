@@ -223,6 +223,12 @@ def train_loop(config: dict[str, Any]) -> None:
                     figures.set(name, metrics[key], model=spec.model_name)
             last = step >= spec.total_steps
             if step % spec.checkpoint_every == 0 or last:
+                if rank == 0:  # at a URI run root, the curves so far outlive this node with the checkpoint
+                    from pipeline import storage
+
+                    for log in (metrics_path, metrics_path.with_name("eval.jsonl")):
+                        if log.exists():
+                            storage.published(log)
                 _report_with_checkpoint(engine, metrics)
             elif step % spec.report_every == 0:  # each report syncs the workers and waits for a poll: not every step
                 ray.train.report(metrics)
