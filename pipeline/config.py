@@ -26,6 +26,8 @@ class PathsConfig:
     train_storage: str
     quantized_dir: str
     eval_dir: str
+    samples_dir: str
+    pairs_dir: str
 
     def __post_init__(self):
         for name, value in dataclasses.asdict(self).items():
@@ -170,6 +172,91 @@ class LabelStage:
 
 
 @dataclass
+class ScoringPool:
+    """The teacher actors that score the student's samples (the label stage's engine settings, their own pool)."""
+
+    concurrency: tuple[int, int] = (1, 4)
+    num_cpus_per_actor: float = 1
+    num_gpus_per_actor: float = 0
+
+
+SAMPLED_MODELS = ("trained", "base")
+
+
+@dataclass
+class StudentSampling:
+    """The student's sampling in the sample stage: its own distribution (T=1, no nucleus cut) unless told otherwise."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = 0
+
+
+@dataclass
+class SampleConfig:
+    model: str = "trained"
+    n: int = 4
+    max_response_tokens: int = 512
+    batch_size: int = 64
+    concurrency: tuple[int, int] = (1, 4)
+    num_cpus_per_actor: float = 1
+    num_gpus_per_actor: float = 0
+    sampling: StudentSampling = field(default_factory=StudentSampling)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    scoring: ScoringPool = field(default_factory=ScoringPool)
+    overwrite: bool = False
+
+    def validate(self, student: ModelConfig, teacher: ModelConfig) -> None:
+        if self.model not in SAMPLED_MODELS:
+            raise ConfigError(f"sample.model={self.model!r} is not one of {', '.join(SAMPLED_MODELS)} (the student "
+                              "the train stage wrote under paths.student_dir, or the configured student itself).")
+        self.engine.validate("sample", student)
+        if self.n < 1 or self.max_response_tokens < 1 or self.batch_size < 1:
+            raise ConfigError("sample.n, sample.max_response_tokens and sample.batch_size must be at least 1.")
+        if self.sampling.temperature <= 0:
+            raise ConfigError(f"sample.sampling.temperature={self.sampling.temperature} must be positive: greedy "
+                              "decoding would give every one of a prompt's samples the same tokens.")
+        if not 0 < self.sampling.top_p <= 1:
+            raise ConfigError(f"sample.sampling.top_p={self.sampling.top_p} must be in (0, 1].")
+        for name, pool, tp in (("sample", self, student.tensor_parallel_size),
+                               ("sample.scoring", self.scoring, teacher.tensor_parallel_size)):
+            lo, hi = pool.concurrency
+            if not 1 <= lo <= hi:
+                raise ConfigError(f"{name}.concurrency={list(pool.concurrency)} must be [min, max] with 1 <= min <= max.")
+            if (tp > 1 or pool.num_gpus_per_actor > 1) and pool.num_gpus_per_actor != tp:
+                raise ConfigError(f"{name}.num_gpus_per_actor={pool.num_gpus_per_actor:g} must equal the model's "
+                                  f"tensor_parallel_size={tp}.")
+
+
+@dataclass
+class SampleStage:
+    """Everything the sample stage reads: the student samples the corpus's prompts, the teacher scores them."""
+
+    paths: PathsConfig
+    cluster: ClusterConfig
+    teacher: ModelConfig
+    student: ModelConfig
+    data: DataConfig
+    label: LabelConfig
+    sample: SampleConfig
+
+
+@dataclass
+class PairsConfig:
+    per_prompt: int = 1
+
+    def validate(self) -> None:
+        if self.per_prompt < 1:
+            raise ConfigError(f"pairs.per_prompt={self.per_prompt} must be at least 1.")
+
+
+@dataclass
+class PairsStage:
+    paths: PathsConfig
+    pairs: PairsConfig
+
+
+@dataclass
 class LoraConfig:
     r: int = 8
     alpha: int = 16
@@ -238,15 +325,41 @@ class TrainConfig:
                               "one sequence).")
 
 
+OBJECTIVES = ("distill", "dpo", "kto")
+
+
 @dataclass
 class LossConfig:
+    # distill: KD on the labels (alpha, temperature, divergence); dpo, kto: preference optimisation on the pairs
+    objective: str = "distill"
     alpha: float = 0.3
     temperature: float = 2.0
     divergence: str = "forward_kl"
     divergence_kwargs: dict[str, Any] = field(default_factory=dict)
+    # dpo and kto: the strength of the pull towards the reference (the starting student)
+    beta: float = 0.1
+    # dpo: sigmoid | hinge | ipo | robust; robust's share of flipped pairs
+    variant: str = "sigmoid"
+    label_smoothing: float = 0.0
+    # kto: weights of desirable (the teacher's) and undesirable (the student's) completions
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
 
     def validate(self) -> None:
         from pipeline.losses.kd import DIVERGENCES
+        from pipeline.losses.preference import DPO_VARIANTS
+
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"loss.objective={self.objective!r} is not one of {', '.join(OBJECTIVES)}.")
+        if self.objective != "distill":
+            if self.beta <= 0:
+                raise ConfigError(f"loss.beta={self.beta} must be positive.")
+            if self.variant not in DPO_VARIANTS:
+                raise ConfigError(f"loss.variant={self.variant!r} is not one of {', '.join(DPO_VARIANTS)}.")
+            if not 0 <= self.label_smoothing < 0.5:
+                raise ConfigError(f"loss.label_smoothing={self.label_smoothing} must be in [0, 0.5).")
+            if self.desirable_weight <= 0 or self.undesirable_weight <= 0:
+                raise ConfigError("loss.desirable_weight and loss.undesirable_weight must be positive.")
 
         if self.divergence not in DIVERGENCES:
             raise ConfigError(f"loss.divergence={self.divergence!r} is not one of {sorted(DIVERGENCES)}.")
@@ -423,6 +536,34 @@ def label_stage(cfg: Any) -> LabelStage:
     return stage
 
 
+def sample_stage(cfg: Any) -> SampleStage:
+    plain = resolve(cfg)
+    stage = SampleStage(
+        paths=to_dataclass(PathsConfig, plain["paths"], "paths"),
+        cluster=to_dataclass(ClusterConfig, plain["cluster"], "cluster"),
+        teacher=to_dataclass(ModelConfig, plain["teacher"], "teacher"),
+        student=to_dataclass(ModelConfig, plain["student"], "student"),
+        data=to_dataclass(DataConfig, plain["data"], "data"),
+        label=to_dataclass(LabelConfig, plain["label"], "label"),
+        sample=to_dataclass(SampleConfig, plain["sample"], "sample"),
+    )
+    stage.teacher.validate("teacher")
+    stage.student.validate("student")
+    stage.label.validate(stage.teacher)
+    stage.sample.validate(stage.student, stage.teacher)
+    if not stage.data.paths:
+        raise ConfigError("data.paths is empty; list the corpus files (jsonl or Parquet) whose prompts to sample.")
+    return stage
+
+
+def pairs_stage(cfg: Any) -> PairsStage:
+    plain = resolve(cfg)
+    stage = PairsStage(paths=to_dataclass(PathsConfig, plain["paths"], "paths"),
+                       pairs=to_dataclass(PairsConfig, plain["pairs"], "pairs"))
+    stage.pairs.validate()
+    return stage
+
+
 def train_stage(cfg: Any) -> TrainStage:
     plain = resolve(cfg)
     stage = TrainStage(
@@ -437,6 +578,15 @@ def train_stage(cfg: Any) -> TrainStage:
     stage.student.validate("student")
     stage.train.validate(stage.student)
     stage.loss.validate()
+    if stage.loss.objective != "distill":
+        t, objective = stage.train, stage.loss.objective
+        if t.sequence_parallel_size > 1 or t.loss_chunk_tokens:
+            raise ConfigError(f"loss.objective={objective} scores whole sequences, without sequence parallelism or "
+                              "the fused LM head; set train.sequence_parallel_size=1 and train.loss_chunk_tokens=0.")
+        if t.method == "full" and (stage.deepspeed.get("zero_optimization") or {}).get("stage") == 3:
+            raise ConfigError(f"loss.objective={objective} with train.method=full keeps a frozen copy of the starting "
+                              "student in every worker, which ZeRO-3 does not partition; use train.method=lora (the "
+                              "reference is the base with the adapter switched off) or deepspeed=zero2.")
     return stage
 
 

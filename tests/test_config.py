@@ -10,13 +10,13 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import CONF
-from pipeline.config import evaluate_stage, label_stage, train_stage
+from pipeline.config import evaluate_stage, label_stage, pairs_stage, sample_stage, train_stage
 from pipeline.quantize.config import quantize_stage
 from pipeline.serve.config import serve_stage
 from pipeline.errors import ConfigError
 
-GROUPS = ["paths", "cluster", "teacher", "student", "data", "label", "train", "loss", "deepspeed", "quantize",
-          "serve", "evaluate"]
+GROUPS = ["paths", "cluster", "teacher", "student", "data", "label", "sample", "pairs", "train", "loss", "deepspeed",
+          "quantize", "serve", "evaluate"]
 
 
 def _options(group: str) -> list[str]:
@@ -39,6 +39,8 @@ def test_every_config_composes_and_validates(override, monkeypatch):
     stage = label_stage(cfg)
     assert stage.paths.labels_dir.startswith(stage.paths.run_root)
     trained = train_stage(cfg)
+    sample_stage(cfg)
+    pairs_stage(cfg)
     evaluate_stage(cfg)
     quantize_stage(cfg)
     serve_stage(cfg)
@@ -116,12 +118,23 @@ def _sibling_group(lines, i):
     (["paths.root=s3://bucket/prefix"], r"^paths.run_root=s3://bucket/prefix/default is a URI, which the ray_jobs "
                                         r"entrypoints open through a local mirror"),
     (["paths.labels_dir=s3://bucket/labels"], r"^paths.labels_dir=s3://bucket/labels is a URI under a local "),
+    (["loss.objective=ppo"], r"^loss.objective='ppo' is not one of distill, dpo, kto"),
+    (["loss=dpo", "loss.variant=exo"], r"^loss.variant='exo' is not one of sigmoid, hinge, ipo, robust"),
+    (["loss=dpo", "loss.beta=0"], r"^loss.beta=0.0 must be positive"),
+    (["loss=kto", "train.sequence_parallel_size=2"], r"^loss.objective=kto scores whole sequences"),
+    (["loss=dpo", "train.method=full", "deepspeed=zero3"], r"ZeRO-3 does not partition; use train.method=lora"),
+    (["sample.model=best"], r"^sample.model='best' is not one of trained, base"),
+    (["sample.sampling.temperature=0"], r"^sample.sampling.temperature=0.0 must be positive"),
+    (["sample.scoring.concurrency=[2,1]"], r"^sample.scoring.concurrency=\[2, 1\] must be"),
+    (["pairs.per_prompt=0"], r"^pairs.per_prompt=0 must be at least 1"),
 ])
 def test_wrong_config_is_one_clear_sentence(override, message):
     with pytest.raises(ConfigError, match=message):
         cfg = _compose("debug=tiny", *override)
         label_stage(cfg)
         train_stage(cfg)
+        sample_stage(cfg)
+        pairs_stage(cfg)
 
 
 def test_a_student_seed_leaves_the_sft_teacher_alone():
@@ -170,6 +183,8 @@ def _defaults(cls) -> dict:
 
 
 @pytest.mark.parametrize("group,cls", [("label", "pipeline.config:LabelConfig"), ("train", "pipeline.config:TrainConfig"),
+                                       ("sample", "pipeline.config:SampleConfig"),
+                                       ("pairs", "pipeline.config:PairsConfig"),
                                        ("evaluate", "pipeline.config:EvalConfig"),
                                        ("quantize", "pipeline.quantize.config:QuantizeConfig"),
                                        ("serve", "pipeline.serve.config:ServeConfig")])

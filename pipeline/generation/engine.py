@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from pipeline.data.schema import LABEL_SCHEMA, LOGPROB_CODES, LOGPROB_STEP, encode_topk
+from pipeline.data.schema import LABEL_SCHEMA, LOGPROB_CODES, LOGPROB_STEP, SAMPLE_SCHEMA, encode_topk
+from pipeline.generation.prepare import PREPARED_SCHEMA
 
 log = logging.getLogger(__name__)
 # when the engine call that produced a row ran (the actor, the call's start and end, wall clock): what the label
@@ -27,6 +28,10 @@ log = logging.getLogger(__name__)
 ENGINE_TIMING = [pa.field("engine_actor", pa.string()), pa.field("engine_started", pa.float64()),
                  pa.field("engine_finished", pa.float64())]
 LABELED_SCHEMA = pa.schema(list(LABEL_SCHEMA) + [pa.field("reason", pa.string())] + ENGINE_TIMING)
+# the student's samples of a prompt, before the teacher scores them (`StudentSampler` → `SampleScorer`)
+SAMPLED_SCHEMA = pa.schema(list(PREPARED_SCHEMA) + [pa.field("samples", pa.list_(pa.list_(pa.int32())))])
+# scored samples: one row per sample, its index among the prompt's samples beside the labels
+SAMPLE_LABELED_SCHEMA = pa.schema(list(SAMPLE_SCHEMA) + [pa.field("reason", pa.string())] + ENGINE_TIMING)
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,8 @@ class EngineSpec:
     enforce_eager: bool
     kv_cache_memory_bytes: int | None = None
     in_process: bool = False
+    # responses sampled per prompt (mode "sample": the student writes them, no logprobs kept)
+    n: int = 1
 
 
 def engine_kwargs(spec: EngineSpec) -> dict:
@@ -77,6 +84,9 @@ def sampling_params(spec: EngineSpec, prompt_len: int, row_seed: int | None):
 
     if spec.mode == "score":
         return SamplingParams(max_tokens=1, prompt_logprobs=spec.k, flat_logprobs=True, detokenize=False)
+    if spec.mode == "sample":
+        return SamplingParams(n=spec.n, max_tokens=max(1, min(spec.max_response_tokens, spec.max_model_len - prompt_len)),
+                              temperature=spec.temperature, top_p=spec.top_p, seed=row_seed, detokenize=False)
     return SamplingParams(
         max_tokens=max(1, min(spec.max_response_tokens, spec.max_model_len - prompt_len)),
         temperature=spec.temperature, top_p=spec.top_p, seed=row_seed,
@@ -110,6 +120,9 @@ def label_columns(prompt_ids: list[int], response_ids: np.ndarray, flat, first: 
 class VLLMGenerator:
     """Ray Data UDF: PREPARED rows in, LABELED rows out (rows with a reason pass through untouched)."""
 
+    schema = LABELED_SCHEMA  # of the rows it returns
+    role = "teacher"  # the model it runs, as refusals name it
+
     def __init__(self, spec: EngineSpec):
         if spec.in_process:  # engine core and worker in this actor: no two processes that import torch and vLLM
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -131,7 +144,7 @@ class VLLMGenerator:
             timing = {"engine_actor": self.actor, "engine_started": started, "engine_finished": time.time()}
             for i in todo:
                 rows[i].update(timing)
-        return pa.Table.from_pylist([_complete(r) for r in rows], schema=LABELED_SCHEMA)
+        return pa.Table.from_pylist([_complete(r) for r in rows], schema=self.schema)
 
     def _label(self, rows: list[dict], todo: list[int]) -> None:
         from vllm.inputs import TokensPrompt
@@ -143,20 +156,22 @@ class VLLMGenerator:
         try:
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
         except Exception as e:  # one bad request fails the call: retry one by one to find it
-            log.warning("teacher batch failed (%s); retrying rows one by one", e)
+            log.warning("%s batch failed (%s); retrying rows one by one", self.role, e)
             outputs = []
             for p, sp, i in zip(prompts, params, todo):
                 try:
                     outputs.extend(self.llm.generate([p], sp, use_tqdm=False))
                 except Exception as row_error:
-                    rows[i]["reason"] = f"teacher engine refused the row: {str(row_error).splitlines()[0]}"
+                    rows[i]["reason"] = f"{self.role} engine refused the row: {str(row_error).splitlines()[0]}"
                     outputs.append(None)
         for i, out in zip(todo, outputs):
             if out is None:
                 continue
             row = rows[i]
             try:
-                if spec.mode == "score":
+                if spec.mode == "sample":
+                    row["samples"] = [list(gen.token_ids) for gen in out.outputs]
+                elif spec.mode == "score":
                     response = np.asarray(row["response_ids"], dtype=np.int64)
                     row.update(label_columns(row["prompt_ids"], response, out.prompt_logprobs,
                                              len(row["prompt_ids"]), spec.k))
@@ -165,13 +180,40 @@ class VLLMGenerator:
                     response = np.asarray(gen.token_ids, dtype=np.int64)
                     row.update(label_columns(row["prompt_ids"], response, gen.logprobs, 0, spec.k))
             except Exception as e:
-                row["reason"] = f"could not read the teacher's logprobs: {e}"
+                row["reason"] = f"could not read the {self.role}'s output: {e}"
 
     def __del__(self):
         # Without this an engine worker process (GBs) outlives the actor when Ray Data retires it.
         if hasattr(self, "llm"):
             del self.llm
             gc.collect()
+
+
+class StudentSampler(VLLMGenerator):
+    """Ray Data UDF of the sample stage's first pool: PREPARED rows in, SAMPLED rows out, the model (the student)
+    writing `spec.n` responses per prompt (`spec.mode` "sample")."""
+
+    schema = SAMPLED_SCHEMA
+    role = "student"
+
+
+class SampleScorer(VLLMGenerator):
+    """Ray Data UDF of the sample stage's second pool: SAMPLED rows in, one scored row per sample out (the teacher
+    in score mode: its top-k and tail at every position of the student's response). A prompt's samples leave in one
+    table, so they reach one shard together and a resumed run finds a prompt whole or not at all."""
+
+    schema = SAMPLE_LABELED_SCHEMA
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = []
+        for row in batch.to_pylist():
+            if row["reason"] is not None or not row["samples"]:
+                rows.append({**row, "reason": row["reason"] or "the student returned no sample"})
+                continue
+            for j, sample in enumerate(row["samples"]):
+                rows.append({**row, "response_ids": sample, "sample": j})
+        expanded = pa.Table.from_pylist([{k: v for k, v in r.items() if k != "samples"} for r in rows])
+        return super().__call__(expanded)
 
 
 def reference_labels(batch: pa.Table, k: int) -> pa.Table:

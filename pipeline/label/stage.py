@@ -57,26 +57,27 @@ def build_manifest(stage: LabelStage) -> Manifest:
     )
 
 
-def check_resume(stage: LabelStage, manifest: Manifest) -> Manifest:
-    """Refuse to mix labels from a different config or corpus into a run root, unless told to start over; returns
-    the manifest to write (an earlier run's labels that recorded no corpus identity keep none, so their fingerprint,
-    which the train stage's checkpoints refer to, stays what it was)."""
-    labels, rejected = Path(stage.paths.labels_dir), Path(stage.paths.rejected_dir)
+def check_resume(labels_dir: str, rejected_dir: str, manifest: Manifest, overwrite: bool,
+                 setting: str = "label") -> Manifest:
+    """Refuse to mix labels from a different config or corpus into a run root, unless told to start over
+    (`<setting>.overwrite`); returns the manifest to write (an earlier run's labels that recorded no corpus identity
+    keep none, so their fingerprint, which the train stage's checkpoints refer to, stays what it was)."""
+    labels, rejected = Path(labels_dir), Path(rejected_dir)
     if not manifest_path(labels).exists():
         if any(labels.glob("part-*.parquet")):
-            raise ConfigError(f"{labels} holds label shards but no manifest.json; move them away or set "
-                              "label.overwrite=true to start over.")
+            raise ConfigError(f"{labels} holds shards but no manifest.json; move them away or set "
+                              f"{setting}.overwrite=true to start over.")
         return manifest
     old, fresh = read_manifest(labels), manifest
     if old.corpus_sha256 is None:  # labels from before the corpus was recorded: compared without it, and kept so
         manifest = replace(manifest, corpus_sha256=None)
     if old.fingerprint() == manifest.fingerprint():
         return manifest
-    if not stage.label.overwrite:
+    if not overwrite:
         diff = sorted(_FIELD_NAMES.get(k, k) for k, v in asdict(manifest).items()
                       if k not in ("packages", "inputs") and asdict(old)[k] != v)
-        raise ConfigError(f"{labels} holds labels made with a different config (changed: {', '.join(diff)}); "
-                          "use another paths.run_root, or set label.overwrite=true to replace them.")
+        raise ConfigError(f"{labels} holds {setting} output made with a different config (changed: {', '.join(diff)}); "
+                          f"use another paths.run_root, or set {setting}.overwrite=true to replace it.")
     storage.remove(labels)
     storage.remove(rejected)
     return fresh
@@ -107,7 +108,8 @@ def run(cfg: Any) -> dict[str, Any]:
     check_local_fit(stage.cluster, *teachers)
     stage.teacher = pin_revision(stage.teacher, "teacher")  # every actor loads this commit of a hub teacher
     ensure_corpus(stage)
-    manifest = check_resume(stage, build_manifest(stage))
+    manifest = check_resume(stage.paths.labels_dir, stage.paths.rejected_dir, build_manifest(stage),
+                            stage.label.overwrite)
     init_ray(stage.cluster, *teachers)
     write_manifest(stage.paths.labels_dir, manifest)
     Path(stage.paths.rejected_dir).mkdir(parents=True, exist_ok=True)
@@ -119,13 +121,13 @@ def run(cfg: Any) -> dict[str, Any]:
     resumed = ray.get(ledger.resumed_rows.remote())
     ds = build_dataset(stage, prepare_spec(stage), teacher_spec(stage), ledger)
     with Timeline(Path(stage.paths.labels_dir), count_actors=not is_embedded(stage.cluster)) as timeline:
-        summary = _consume(ds, resumed, count_rows(stage.data.paths),
+        summary = consume(ds, resumed, count_rows(stage.data.paths),
                            Recorder("label", Path(stage.paths.run_root).name), timeline)
     summary["timeline"] = {"csv": str(timeline.csv), "png": str(timeline.png) if timeline.png.exists() else None}
     for folder in (stage.paths.labels_dir, stage.paths.rejected_dir):  # at a URI run root, the shards other nodes
         storage.push(folder)  # wrote are counted too
         storage.pull(folder)
-    summary.update(_totals(stage))
+    summary.update(totals(stage.paths.labels_dir, stage.paths.rejected_dir))
     if summary["rows_read"] == 0:  # e.g. every engine failed to start and Ray Data gave up without an error
         raise LabelsError(f"No row of {', '.join(stage.data.paths)} was labeled or rejected: the corpus is empty "
                           "or the teacher's engine failed (its error is in the log above); fix that and re-run.")
@@ -151,7 +153,8 @@ def teacher_spec(stage: LabelStage) -> EngineSpec:
     )
 
 
-def _consume(ds, resumed: int, corpus_rows: int | None, figures: Recorder, timeline: Timeline) -> dict[str, Any]:
+def consume(ds, resumed: int, corpus_rows: int | None, figures: Recorder, timeline: Timeline,
+            desc: str = "label: rows") -> dict[str, Any]:
     """Drive the dataset to the end, with a progress bar, live figures (pipeline/monitoring.py) and the run's
     timeline; tokens/s overall and in steady state (`steady_rate`)."""
     from pipeline.console import progress
@@ -162,7 +165,7 @@ def _consume(ds, resumed: int, corpus_rows: int | None, figures: Recorder, timel
     start = time.perf_counter()
     rows_rate, tokens_rate = WindowRate(time.time()), WindowRate(time.time())
     total = corpus_rows - resumed if corpus_rows is not None else None
-    with progress(desc="label: rows", unit="row", total=total) as bar:
+    with progress(desc=desc, unit="row", total=total) as bar:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             stats = {k: batch.column(k).to_pylist() for k in batch.column_names}
             for key in totals:
@@ -223,7 +226,7 @@ def steady_rate(calls: list[dict[str, Any]]) -> dict[str, Any]:
             "engine_busy": round(busy / sum(hi - lo for lo, hi in spans), 3) if covered > 0 else None}
 
 
-def _totals(stage: LabelStage) -> dict[str, Any]:
+def totals(labels_dir: str, rejected_dir: str) -> dict[str, Any]:
     """Counts over everything on disk (this run and earlier ones): the numbers that must add up."""
     def count(folder: str, column: str | None = None) -> tuple[int, int, int]:
         rows = tokens = nbytes = 0
@@ -236,8 +239,8 @@ def _totals(stage: LabelStage) -> dict[str, Any]:
                 tokens += pc.sum(lengths).as_py() or 0
         return rows, tokens, nbytes
 
-    labeled, tokens, nbytes = count(stage.paths.labels_dir, "response_ids")
-    rejected, _, _ = count(stage.paths.rejected_dir)
+    labeled, tokens, nbytes = count(labels_dir, "response_ids")
+    rejected, _, _ = count(rejected_dir)
     return {"rows_read": labeled + rejected, "labeled": labeled, "rejected": rejected, "tokens_scored": tokens,
             "bytes_per_scored_token": round(nbytes / tokens, 2) if tokens else None}
 

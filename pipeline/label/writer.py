@@ -25,13 +25,13 @@ STATS_SCHEMA = pa.schema([("labeled", pa.int64()), ("rejected", pa.int64()), ("t
 _CALL_KEYS = ["engine_actor", "engine_started", "engine_finished"]
 
 
-def write_batch(batch: pa.Table, labels_dir: str, rejected_dir: str) -> pa.Table:
-    """LABELED rows in; one stats row out (labeled, rejected, scored tokens, label bytes, wall-clock time, and the
-    engine calls that labeled these rows)."""
+def write_batch(batch: pa.Table, labels_dir: str, rejected_dir: str, schema: pa.Schema = LABEL_SCHEMA) -> pa.Table:
+    """LABELED rows in (`schema`'s columns and a reason); one stats row out (labeled, rejected, scored tokens, label
+    bytes, wall-clock time, and the engine calls that labeled these rows)."""
     name = shard_name(batch)
     bad = pc.is_valid(batch.column("reason"))
     labeled = batch.filter(pc.invert(bad))
-    good = labeled.select(LABEL_SCHEMA.names).cast(LABEL_SCHEMA)
+    good = labeled.select(schema.names).cast(schema)
     rejected = batch.filter(bad).select(REJECT_SCHEMA.names).cast(REJECT_SCHEMA)
     nbytes = tokens = 0
     calls = []

@@ -2,7 +2,7 @@
 
 Quantizers, vLLM and the evaluation's scorers take a plain HF causal-LM directory, so an adapter is folded into
 its base first with PEFT's `merge_and_unload` (W + B·A·scale, exact up to float rounding) and saved as ordinary
-weights. Shared by the quantize and evaluate stages, which is why it lives with the models, below both.
+weights. Shared by the sample, quantize and evaluate stages, which is why it lives with the models, below them.
 The base may be a hub model: its id and the commit the train stage pinned come from the student's lineage.
 """
 from __future__ import annotations
@@ -67,3 +67,17 @@ def merge_adapter(adapter_dir: str | Path, base: str, out_dir: str | Path, dtype
     own = (Path(adapter_dir) / "tokenizer_config.json").exists()
     AutoTokenizer.from_pretrained(adapter_dir if own else base, revision=None if own else revision).save_pretrained(out_dir)
     return out_dir
+
+
+def full_weights(student_dir: str, merged: Path) -> Path:
+    """A train-stage output as full weights: `model/`, or the adapter merged into its base at `merged` (merged afresh
+    on every run, so a retrained adapter is never shadowed by an older merge)."""
+    from pipeline import storage
+
+    kind, source, base, revision = find_student(student_dir)
+    if kind == "model":
+        return source
+    storage.remove(merged)
+    merge_adapter(source, base, merged, revision=revision)
+    storage.push(merged)  # at a URI run root, where the engines on other nodes fetch it
+    return merged

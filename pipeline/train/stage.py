@@ -20,12 +20,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.config import TrainStage, train_stage, training_precision
+from pipeline.config import LossConfig, TrainStage, train_stage, training_precision
 from pipeline.data.split import is_heldout, training_ids
 from pipeline.data.schema import Manifest, read_manifest, validate_labels_table, write_json_atomic
 from pipeline.errors import ConfigError, LabelsError
 from pipeline.models.load import ensure_model, load_tokenizer_checked, pin_revision, tokenizer_fingerprint
-from pipeline.data.batches import REQUIRED_COLUMNS
+from pipeline.data.batches import PAIR_COLUMNS, REQUIRED_COLUMNS
 from pipeline.train.sequence_parallel import check_heads
 from pipeline.train.worker import WorkerSpec, train_loop
 
@@ -79,6 +79,15 @@ def label_shards(stage: TrainStage) -> list[str]:
     return shards
 
 
+def pair_shards(stage: TrainStage) -> list[str]:
+    shards = sorted(str(p) for p in Path(stage.paths.pairs_dir).glob("part-*.parquet"))
+    if not shards:
+        raise LabelsError(f"No pairs in {storage.portable(stage.paths.pairs_dir)}; loss.objective="
+                          f"{stage.loss.objective} trains on preference pairs: run ray_jobs/sample.py and "
+                          "ray_jobs/pairs.py with the same paths.run_root first.")
+    return shards
+
+
 # train settings a resumed run may change: how long it runs, how often it checkpoints and reports, what it
 # writes at the end, how it uses the machine; not what its checkpoints hold
 RESUMABLE = ("epochs", "max_steps", "checkpoint_every", "keep_checkpoints", "report_every", "report_poll_s",
@@ -92,10 +101,25 @@ STUDENT_OUTPUTS = ("adapter", "model", "lineage.json", "metrics.jsonl", "eval.js
 def resume_config(stage: TrainStage, manifest: Manifest) -> dict[str, Any]:
     """What a run's checkpoints depend on: the labels, the student and every setting not in RESUMABLE."""
     t = asdict(stage.train)
-    return json.loads(json.dumps(storage.portable({
+    current = {
         "labels": manifest.fingerprint(), "student": [stage.student.name_or_path, stage.student.revision],
         "train": {k: v for k, v in t.items() if k not in RESUMABLE}, "heldout_fraction": stage.heldout_fraction,
-        "loss": asdict(stage.loss), "deepspeed": stage.deepspeed}), default=str))
+        "loss": loss_settings(stage.loss), "deepspeed": stage.deepspeed}
+    if stage.loss.objective != "distill":
+        from pipeline.preference.pairs import pairs_fingerprint
+
+        current["pairs"] = pairs_fingerprint(stage.paths.pairs_dir)
+    return json.loads(json.dumps(storage.portable(current), default=str))
+
+
+def loss_settings(loss: LossConfig) -> dict[str, Any]:
+    """The loss settings a run depends on: those of its objective (a KD run's record is what it was before the
+    preference objectives existed, so its checkpoints still resume)."""
+    settings = asdict(loss)
+    kd = ("alpha", "temperature", "divergence", "divergence_kwargs")
+    if loss.objective == "distill":
+        return {k: settings[k] for k in kd}
+    return {k: v for k, v in settings.items() if k not in kd}
 
 
 def check_resume(stage: TrainStage, current: dict[str, Any]) -> bool:
@@ -159,14 +183,18 @@ def run(cfg: Any) -> dict[str, Any]:
     shards = label_shards(stage)
     ensure_model(stage.student, "student")
     check_labels_match_student(manifest, stage)
-    ids = pa.concat_tables([pq.read_table(s, columns=["id"]) for s in shards]).column("id").to_pylist()
+    # what the workers train on: the labels (KD), or the pairs made from them (DPO, KTO); held-out ids stay out
+    preference = stage.loss.objective != "distill"
+    data, columns = (pair_shards(stage), PAIR_COLUMNS) if preference else (shards, REQUIRED_COLUMNS)
+    ids = pa.concat_tables([pq.read_table(s, columns=["id"]) for s in data]).column("id").to_pylist()
     fraction = stage.heldout_fraction
     keep = training_ids(ids, fraction, t.max_rows)
     rows = len(keep) if keep is not None else sum(not is_heldout(i, fraction) for i in ids)
     per_worker = rows // t.num_workers
     if per_worker < t.micro_batch_size:
-        raise LabelsError(f"{rows} labeled rows cannot fill a micro-batch of {t.micro_batch_size} on each of "
-                          f"{t.num_workers} workers; label more rows or lower train.micro_batch_size.")
+        raise LabelsError(f"{rows} {'pairs' if preference else 'labeled rows'} cannot fill a micro-batch of "
+                          f"{t.micro_batch_size} on each of {t.num_workers} workers; label more rows or lower "
+                          "train.micro_batch_size.")
     check_sequence_parallel(stage)
     # a sequence-parallel group works through every member's micro-batches in turn
     micro_per_epoch = math.ceil(per_worker / t.micro_batch_size) * t.sequence_parallel_size
@@ -192,6 +220,7 @@ def run(cfg: Any) -> dict[str, Any]:
                  "labels_fingerprint": manifest.fingerprint(), "student_base": stage.student.name_or_path,
                  "student_revision": stage.student.revision,
                  "train": asdict(t), "heldout_fraction": fraction, "loss": asdict(stage.loss),
+                 **({"pairs_dir": stage.paths.pairs_dir} if preference else {}),
                  "deepspeed": stage.deepspeed}),  # in a URI run root, its paths as URIs: any node reads it
     )
     init_ray(stage.cluster, workers)
@@ -199,7 +228,7 @@ def run(cfg: Any) -> dict[str, Any]:
         return i in keep if keep is not None else not is_heldout(i, fraction)
 
     # at a URI run root, read where every node finds them
-    dataset = ray.data.read_parquet([storage.remote_of(s) or s for s in shards], columns=["id", *REQUIRED_COLUMNS]).map_batches(
+    dataset = ray.data.read_parquet([storage.remote_of(s) or s for s in data], columns=["id", *columns]).map_batches(
         lambda b: b.filter(pa.array([trained(i) for i in b.column("id").to_pylist()], pa.bool_())),
         batch_format="pyarrow")
     # Ray Train's controller collects one report per worker each poll and a worker's next report waits for that:
@@ -222,7 +251,8 @@ def run(cfg: Any) -> dict[str, Any]:
     curves = plot_losses(Path(stage.paths.student_dir))
     summary = {"steps": total_steps, "rows": rows, "metrics": result.metrics, "student_dir": stage.paths.student_dir,
                "loss_plot": str(curves) if curves else None}
-    print(f"train: {total_steps} steps on {rows} labeled rows; student in {storage.portable(stage.paths.student_dir)}")
+    print(f"train: {total_steps} steps on {rows} {'pairs (' + stage.loss.objective + ')' if preference else 'labeled rows'}; "
+          f"student in {storage.portable(stage.paths.student_dir)}")
     return summary
 
 
@@ -241,10 +271,13 @@ def plot_losses(student_dir: Path) -> Path | None:
         record = json.loads(line)
         by_step[record["step"]] = record
     steps = sorted(by_step)
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
-    for ax, key in zip(axes, ("loss", "ce", "kd")):  # one panel each: their scales differ by orders
+    titles = {"loss": "total loss", "ce": "hard-label CE", "kd": "KD divergence", "reward_margin":
+              "reward margin (chosen - rejected)", "reward_accuracy": "reward accuracy"}
+    keys = [k for k in titles if k in by_step[steps[0]]]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.7 * len(keys), 3.2))
+    for ax, key in zip(axes, keys):  # one panel each: their scales differ by orders
         ax.plot(steps, [by_step[s][key] for s in steps])
-        ax.set_title({"loss": "total loss", "ce": "hard-label CE", "kd": "KD divergence"}[key])
+        ax.set_title(titles[key])
         ax.set_xlabel("optimizer step")
     fig.tight_layout()
     out = student_dir / "loss.png"

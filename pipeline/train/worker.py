@@ -12,7 +12,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -128,7 +128,7 @@ def train_loop(config: dict[str, Any]) -> None:
     from transformers import get_scheduler
 
     from pipeline.losses.kd import configured_loss
-    from pipeline.data.batches import collate
+    from pipeline.data.batches import collate, collate_pairs
     from pipeline.monitoring import Recorder
     from pipeline.train import sequence_parallel as sp
 
@@ -142,6 +142,10 @@ def train_loop(config: dict[str, Any]) -> None:
     if sp_size > 1:
         deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts Ray Train's process group
         mpu = sp.register(model, sp_size, spec.micro_batch_size)
+    objective = spec.loss.get("objective", "distill")
+    # DPO and KTO: the starting student, frozen, as the reference (LoRA: the same model with its adapter off)
+    frozen = build_student(replace(spec, method="full", gradient_checkpointing=False)).eval().requires_grad_(False) \
+        if objective != "distill" and spec.method == "full" else None
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
     scheduler = get_scheduler(SCHEDULES[spec.lr_schedule], optimizer, num_warmup_steps=spec.warmup_steps,
@@ -182,22 +186,26 @@ def train_loop(config: dict[str, Any]) -> None:
         for i, rows in enumerate(batches):
             if i < skip:  # consumed before the checkpoint this run resumed from
                 continue
-            batch = collate(rows, k=spec.k, max_seq_len=spec.max_seq_len, pad_id=pad)
-            if mpu is None:
-                weight = 1.0
-                out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **no_logits)
-                logits = (hidden.value if hidden else out.logits)[:, :-1]
+            if objective != "distill":  # DPO, KTO: pairs of whole sequences, no sequence parallelism
+                batch = collate_pairs(rows, spec.max_seq_len, pad, mismatched=objective == "kto")
+                losses, weight = preference_losses(engine, frozen, batch, spec.loss), 1.0
             else:
-                batch = sp.split(batch, mpu.get_sequence_parallel_rank(), sp_size, spec.micro_batch_size)
-                weight = sp.loss_weight(batch["loss_mask"], batch["total_tokens"])
-                out = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"], **no_logits)
-                logits = hidden.value if hidden else out.logits
-            if hidden:  # the decoder's hidden states; the loss applies the LM head chunk by chunk
-                chunks = _most_chunks(batch["loss_mask"], spec.loss_chunk_tokens) if zero3 else None
-                losses = configured_loss(logits, batch, spec.loss, model.get_output_embeddings(),
-                                         spec.loss_chunk_tokens, chunks, partitioned=zero3)
-            else:
-                losses = configured_loss(logits, batch, spec.loss)
+                batch = collate(rows, k=spec.k, max_seq_len=spec.max_seq_len, pad_id=pad)
+                if mpu is None:
+                    weight = 1.0
+                    out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **no_logits)
+                    logits = (hidden.value if hidden else out.logits)[:, :-1]
+                else:
+                    batch = sp.split(batch, mpu.get_sequence_parallel_rank(), sp_size, spec.micro_batch_size)
+                    weight = sp.loss_weight(batch["loss_mask"], batch["total_tokens"])
+                    out = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"], **no_logits)
+                    logits = hidden.value if hidden else out.logits
+                if hidden:  # the decoder's hidden states; the loss applies the LM head chunk by chunk
+                    chunks = _most_chunks(batch["loss_mask"], spec.loss_chunk_tokens) if zero3 else None
+                    losses = configured_loss(logits, batch, spec.loss, model.get_output_embeddings(),
+                                             spec.loss_chunk_tokens, chunks, partitioned=zero3)
+                else:
+                    losses = configured_loss(logits, batch, spec.loss)
             engine.backward(losses["loss"] * (weight * sp_size))
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
@@ -206,21 +214,21 @@ def train_loop(config: dict[str, Any]) -> None:
             if not boundary:
                 continue
             step = engine.global_steps
-            stats = torch.tensor([losses["loss"].item() * weight, losses["ce"].item() * weight,
-                                  losses["kd"].item() * weight, tokens_since], dtype=torch.float64)
+            names = list(losses)  # loss, ce, kd (distill); loss, reward_margin, reward_accuracy (dpo, kto)
+            stats = torch.tensor([losses[n].item() * weight for n in names] + [tokens_since], dtype=torch.float64)
             dist.all_reduce(stats)
             elapsed = time.perf_counter() - t0
-            metrics = {"step": step, "epoch": epoch, "loss": stats[0].item() / data_ranks,
-                       "ce": stats[1].item() / data_ranks, "kd": stats[2].item() / data_ranks,
+            metrics = {"step": step, "epoch": epoch, **{n: stats[i].item() / data_ranks for i, n in enumerate(names)},
                        "lr": scheduler.get_last_lr()[0], "grad_norm": _float(engine.get_global_grad_norm()),
-                       "tokens_per_s": stats[3].item() / elapsed}
+                       "tokens_per_s": stats[-1].item() / elapsed}
             t0, tokens_since = time.perf_counter(), 0
             if rank == 0:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(metrics) + "\n")
                 for name, key in (("train_step", "step"), ("train_loss", "loss"), ("train_kd_loss", "kd"),
                                   ("train_tokens_per_s", "tokens_per_s")):
-                    figures.set(name, metrics[key], model=spec.model_name)
+                    if key in metrics:
+                        figures.set(name, metrics[key], model=spec.model_name)
             last = step >= spec.total_steps
             if step % spec.checkpoint_every == 0 or last:
                 if rank == 0:  # at a URI run root, the curves so far outlive this node with the checkpoint
@@ -233,12 +241,56 @@ def train_loop(config: dict[str, Any]) -> None:
             elif step % spec.report_every == 0:  # each report syncs the workers and waits for a poll: not every step
                 ray.train.report(metrics)
             if rank == 0 and (step % spec.report_every == 0 or last):
-                print(f"step {step}/{spec.total_steps} loss {metrics['loss']:.4f} kd {metrics['kd']:.4f} "
+                detail = (f"kd {metrics['kd']:.4f}" if "kd" in metrics else
+                          f"reward margin {metrics['reward_margin']:.4f} accuracy {metrics['reward_accuracy']:.2f}")
+                print(f"step {step}/{spec.total_steps} loss {metrics['loss']:.4f} {detail} "
                       f"{metrics['tokens_per_s']:.0f} tokens/s", flush=True)
             if last:
                 break
     heldout()
     _save_student(engine, spec, rank)
+
+
+def preference_losses(engine, frozen, batch, loss: dict[str, Any]) -> dict[str, Any]:
+    """DPO or KTO on a micro-batch of pairs (`collate_pairs`: chosen sequences, then rejected ones): the policy's
+    summed completion log-probabilities with gradients, the reference's without. The reference is the starting
+    student: `frozen` (full fine-tuning), or the policy with its LoRA adapter switched off. KTO's reference point is
+    averaged over the data-parallel ranks, as TRL gathers it over processes.
+    Returns {"loss", "reward_margin", "reward_accuracy"} (reward margin: the chosen minus the rejected implicit
+    reward, β·log π/π_ref)."""
+    import torch
+    import torch.distributed as dist
+
+    from pipeline.losses.preference import dpo_loss, kto_loss, sequence_logprobs
+
+    def logps(forward, prefix: str = "") -> torch.Tensor:
+        logits = forward(input_ids=batch[f"{prefix}input_ids"], attention_mask=batch[f"{prefix}attention_mask"]).logits
+        return sequence_logprobs(logits[:, :-1], batch[f"{prefix}labels"], batch[f"{prefix}loss_mask"])
+
+    def reference(prefix: str = "") -> torch.Tensor:
+        with torch.no_grad():
+            if frozen is not None:
+                return logps(frozen, prefix)
+            with engine.module.disable_adapter():
+                return logps(engine.module, prefix)
+
+    policy, ref = logps(engine), reference()
+    b = policy.shape[0] // 2
+    beta = loss["beta"]
+    if loss["objective"] == "dpo":
+        tokens = batch["loss_mask"].sum(-1)
+        out = dpo_loss(policy[:b], policy[b:], ref[:b], ref[b:], beta=beta, variant=loss["variant"],
+                       label_smoothing=loss["label_smoothing"], chosen_tokens=tokens[:b], rejected_tokens=tokens[b:])
+    else:
+        with torch.no_grad():
+            gap = (logps(engine, "kl_") - reference("kl_")).mean()
+        dist.all_reduce(gap)  # TRL's `kto_reference_point` over every rank's batch
+        z0 = (gap / dist.get_world_size()).clamp(min=0)
+        desirable = torch.arange(2 * b) < b
+        out = kto_loss(policy, ref, desirable, z0, beta=beta,
+                       desirable_weight=loss["desirable_weight"], undesirable_weight=loss["undesirable_weight"])
+    return {"loss": out["loss"], "reward_margin": out["chosen_reward"] - out["rejected_reward"],
+            "reward_accuracy": out["reward_accuracy"]}
 
 
 class DecoderOutput:
