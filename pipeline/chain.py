@@ -1,10 +1,14 @@
 """The whole pipeline in one command, re-running only what changed.
 
-    [teacher_data → teacher]  label → train  [baseline]  quantize → evaluate  (→ serve)
+    [teacher_data → teacher]  label → train  [sample_r1 → train_r1 → …]  [baseline]  quantize → evaluate  (→ serve)
 
 With `run.teacher_sft.enabled` (the offline demo) the teacher is first trained on the corpus by the train
 stage in SFT mode (α=1): `teacher_data` is the label stage in reference mode (the corpus's reference
 responses, tokenized, as one-hot labels; no engine) and `teacher` trains the configured teacher on them.
+With `run.onpolicy.rounds` > 0 (on-policy distillation, GKD in rounds) each round the newest student samples the
+corpus and the teacher scores its samples (the sample stage), then the student trains on them mixed with the labels
+(`run.onpolicy.fraction`) under `run.onpolicy.loss`; quantize, evaluate and serve take the last round's student. Each
+round is two cached stages, so a killed run resumes at its round.
 With `run.baseline` an SFT-only student is trained on the same rows as the KD student, for the
 evaluation's KD-vs-SFT comparison. Each stage is one of the four stage entrypoints run on a derived config.
 
@@ -36,7 +40,7 @@ from pipeline.data.schema import write_json_atomic
 @dataclass(frozen=True)
 class Stage:
     name: str
-    entry: str  # label | train | quantize | evaluate
+    entry: str  # label | sample | train | quantize | evaluate
     groups: tuple[str, ...]  # config groups this stage's own work depends on
     deps: tuple[str, ...]  # stages whose outputs it reads
     done: str  # a file (relative to the run root, after `derive`) that exists once the stage succeeded
@@ -89,8 +93,50 @@ def _baseline(plain):
                           "paths.student_dir": str(root / "baseline"), "paths.train_storage": str(root / "baseline_train")})
 
 
-def _evaluate(plain):
+def _round_dir(plain, r: int) -> Path:
+    return Path(plain["paths"]["run_root"]) / "onpolicy" / f"round_{r}"
+
+
+def _rounds(plain) -> int:
+    return int((plain["run"].get("onpolicy") or {}).get("rounds") or 0)
+
+
+def _sample_round(plain, r: int):
+    """Round r's sampling: the newest student (the KD student in round 1) samples the corpus, the teacher scores."""
+    previous = plain if r == 1 else _train_round(plain, r - 1)
+    return _sub(_trained_teacher(plain), **{"paths.student_dir": previous["paths"]["student_dir"],
+                                            "paths.samples_dir": str(_round_dir(plain, r) / "samples"),
+                                            "sample.model": "trained"})
+
+
+def _train_round(plain, r: int):
+    """Round r's training: the newest student, as full weights (a LoRA adapter as the sample stage merged it), trained
+    on its own samples mixed with the labels (run.onpolicy.fraction) under run.onpolicy's loss and train settings."""
+    previous = plain if r == 1 else _train_round(plain, r - 1)
+    d, onpolicy = _round_dir(plain, r), plain["run"]["onpolicy"]
+    merged = previous["train"]["method"] == "full" or previous["train"]["merge"]
+    base = Path(previous["paths"]["student_dir"]) / "model" if merged else d / "samples" / "student"
+    out = _sub(_trained_teacher(plain), **{
+        "student.name_or_path": str(base), "student.revision": None, "student.build": None,
+        "paths.samples_dir": str(d / "samples"), "paths.student_dir": str(d / "student"),
+        "paths.train_storage": str(d / "train"), "train.onpolicy_fraction": onpolicy["fraction"]})
+    for group in ("loss", "train"):
+        for key, value in onpolicy[group].items():
+            out[group][key] = value
+    return out
+
+
+def _final_student(plain):
+    """The config whose paths.student_dir is the newest student: the last on-policy round's, or the train stage's."""
+    rounds = _rounds(plain)
     plain = _trained_teacher(plain)
+    if rounds:
+        plain = _sub(plain, **{"paths.student_dir": _train_round(plain, rounds)["paths"]["student_dir"]})
+    return plain
+
+
+def _evaluate(plain):
+    plain = _final_student(plain)
     if plain["run"]["baseline"]:
         plain = _sub(plain, **{"evaluate.baseline_path": str(Path(plain["paths"]["run_root"]) / "baseline")})
     return plain
@@ -117,17 +163,38 @@ def stages(plain: dict[str, Any]) -> list[Stage]:
         Stage("train", "train", _TRAIN, ("label",), "student/lineage.json", ("student_dir", "train_storage"),
               _trained_teacher),
     ]
+    newest = "train"
+    for r in range(1, _rounds(plain) + 1):  # on-policy distillation: sample, then train on the samples, each round
+        d = f"onpolicy/round_{r}"
+        chain += [
+            Stage(f"sample_r{r}", "sample", ("sample", "teacher", "label", "data", "seed"), (newest, "label"),
+                  f"{d}/samples/manifest.json", ("samples_dir",), lambda p, r=r: _sample_round(p, r)),
+            Stage(f"train_r{r}", "train", _TRAIN, (f"sample_r{r}", "label"), f"{d}/student/lineage.json",
+                  ("student_dir", "train_storage"), lambda p, r=r: _train_round(p, r)),
+        ]
+        newest = f"train_r{r}"
     if run["baseline"]:
         chain.append(Stage("baseline", "train", _TRAIN, ("teacher_data",) if sft else ("label",),
                            "baseline/lineage.json", ("student_dir", "train_storage"), _baseline))
     chain += [
-        Stage("quantize", "quantize", ("quantize", "heldout_fraction"), ("train",), "quantized/manifest.json",
-              ("quantized_dir",), _trained_teacher),
+        Stage("quantize", "quantize", ("quantize", "heldout_fraction"), (newest,), "quantized/manifest.json",
+              ("quantized_dir",), _final_student),
         Stage("evaluate", "evaluate", ("evaluate", "teacher", "student"),
-              ("label", "train", "quantize") + (("baseline",) if run["baseline"] else ()), "eval/metrics.json",
+              ("label", newest, "quantize") + (("baseline",) if run["baseline"] else ()), "eval/metrics.json",
               ("eval_dir",), _evaluate),
     ]
     return [s for s in chain if s.name not in (run.get("skip") or [])]
+
+
+def check_objective(plain: dict[str, Any]) -> None:
+    """The chain distils (KD, and on-policy rounds); DPO and KTO train on pairs, which it does not make."""
+    objective = (plain.get("loss") or {}).get("objective", "distill")
+    if objective != "distill":
+        from pipeline.errors import ConfigError
+
+        raise ConfigError(f"loss.objective={objective} trains on preference pairs, which ray_jobs/run.py does not "
+                          "make; run the chain with a distillation loss, then ray_jobs/sample.py, ray_jobs/pairs.py and "
+                          f"ray_jobs/train.py loss={objective} on its run root.")
 
 
 def fingerprints(plain: dict[str, Any], chain: list[Stage]) -> dict[str, str]:
@@ -150,10 +217,14 @@ def fingerprints(plain: dict[str, Any], chain: list[Stage]) -> dict[str, str]:
     return out
 
 
+# the module whose `run` each entry is (the sample stage is the label stage with the student writing the responses)
+_ENTRIES = {"sample": "pipeline.label.sample"}
+
+
 def _entry(name: str) -> Callable[[Any], Any]:
     import importlib
 
-    return importlib.import_module(f"pipeline.{name}.stage").run
+    return importlib.import_module(_ENTRIES.get(name, f"pipeline.{name}.stage")).run
 
 
 def run(cfg: Any) -> dict[str, str]:
@@ -162,6 +233,7 @@ def run(cfg: Any) -> dict[str, str]:
 
     plain = resolve(cfg)
     plain.pop("hydra", None)
+    check_objective(plain)
     # ray_jobs/plan.py's check before the first stage: every stage's config is consistent and its minimum fits the
     # cluster described in config (or this machine), so a run never stops at stage four for want of a GPU
     plan_of(plain, with_serve=plain["run"]["serve"])
@@ -206,7 +278,7 @@ def run(cfg: Any) -> dict[str, str]:
         print("run: wall seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in ran.items())
               + f"; chain {time.perf_counter() - started:.1f}", flush=True)
     if plain["run"]["serve"]:
-        _entry("serve")(OmegaConf.create(_trained_teacher(plain)))
+        _entry("serve")(OmegaConf.create(_final_student(plain)))
     return outcome
 
 
@@ -227,7 +299,7 @@ def plan_of(plain: dict[str, Any], with_serve: bool = True) -> dict[str, Any]:
 
     configs = [(s.name, s.entry, s.derive(plain)) for s in stages(plain)]
     if with_serve:
-        configs.append(("serve", "serve", plain))
+        configs.append(("serve", "serve", _final_student(plain)))
     return make_plan(plain, configs)
 
 

@@ -273,6 +273,7 @@ class TrainConfig:
     epochs: int = 1
     max_steps: int | None = None
     max_rows: int | None = None
+    onpolicy_fraction: float = 0.0
     micro_batch_size: int = 4
     gradient_accumulation_steps: int = 1
     max_seq_len: int = 1024
@@ -306,6 +307,8 @@ class TrainConfig:
             raise ConfigError(f"train.method={self.method!r} is not a method; use lora or full.")
         if self.lr_schedule not in ("constant", "linear", "cosine"):
             raise ConfigError(f"train.lr_schedule={self.lr_schedule!r}; use constant, linear or cosine.")
+        if not 0 <= self.onpolicy_fraction <= 1:
+            raise ConfigError(f"train.onpolicy_fraction={self.onpolicy_fraction} must be a share in [0, 1].")
         if self.max_rows is not None and self.max_rows < 1:
             raise ConfigError(f"train.max_rows={self.max_rows} must be a number of rows (at least 1) or null for all.")
         if self.loss_chunk_tokens < 0:
@@ -583,6 +586,9 @@ def train_stage(cfg: Any) -> TrainStage:
         if t.sequence_parallel_size > 1 or t.loss_chunk_tokens:
             raise ConfigError(f"loss.objective={objective} scores whole sequences, without sequence parallelism or "
                               "the fused LM head; set train.sequence_parallel_size=1 and train.loss_chunk_tokens=0.")
+        if objective == "kto" and t.micro_batch_size < 2:
+            raise ConfigError("loss.objective=kto estimates its reference point from each prompt paired with another "
+                              "prompt's completion, which needs train.micro_batch_size >= 2.")
         if t.method == "full" and (stage.deepspeed.get("zero_optimization") or {}).get("stage") == 3:
             raise ConfigError(f"loss.objective={objective} with train.method=full keeps a frozen copy of the starting "
                               "student in every worker, which ZeRO-3 does not partition; use train.method=lora (the "

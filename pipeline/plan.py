@@ -51,7 +51,7 @@ class Ask:
 @dataclass
 class StagePlan:
     stage: str
-    entry: str  # label | train | quantize | evaluate | serve
+    entry: str  # label | sample | train | quantize | evaluate | serve
     asks: list[Ask] = field(default_factory=list)
     estimate: dict[str, Any] = field(default_factory=dict)
 
@@ -109,6 +109,13 @@ def stage_asks(name: str, entry: str, c: dict[str, Any]) -> list[Ask]:
         gpus = lab["num_gpus_per_actor"]
         return [Ask(name, "teacher actor", "label.concurrency", *lab["concurrency"], lab["num_cpus_per_actor"], gpus,
                     _engine_gb(teacher, gpus > 0, lab["engine"]))]
+    if entry == "sample":
+        s = c["sample"]
+        return [Ask(name, "student actor", "sample.concurrency", *s["concurrency"], s["num_cpus_per_actor"],
+                    s["num_gpus_per_actor"], _engine_gb(c["student"], s["num_gpus_per_actor"] > 0, s["engine"])),
+                Ask(name, "teacher actor", "sample.scoring.concurrency", *s["scoring"]["concurrency"],
+                    s["scoring"]["num_cpus_per_actor"], s["scoring"]["num_gpus_per_actor"],
+                    _engine_gb(c["teacher"], s["scoring"]["num_gpus_per_actor"] > 0, c["label"]["engine"]))]
     if entry == "train":
         t, student = c["train"], c["student"]
         return [Ask(name, "worker", "train.num_workers", t["num_workers"], t["num_workers"], t["cpus_per_worker"],
@@ -300,12 +307,12 @@ def _gpu_type(nodes: list[NodeType] | None, gpu_types: dict[str, dict[str, Any]]
 def validate(entry: str, c: dict[str, Any]) -> None:
     """The stage's own config checks (contradictions such as a teacher split over more GPUs than its actors ask
     for, or bf16 training on CPUs), without loading a model."""
-    from pipeline.config import evaluate_stage, label_stage, train_stage
+    from pipeline.config import evaluate_stage, label_stage, sample_stage, train_stage
     from pipeline.quantize.config import quantize_stage
     from pipeline.serve.config import serve_stage
 
-    {"label": label_stage, "train": train_stage, "quantize": quantize_stage, "evaluate": evaluate_stage,
-     "serve": serve_stage}[entry](c)
+    {"label": label_stage, "sample": sample_stage, "train": train_stage, "quantize": quantize_stage,
+     "evaluate": evaluate_stage, "serve": serve_stage}[entry](c)
 
 
 def make_plan(plain: dict[str, Any], chain: list[tuple[str, str, dict[str, Any]]]) -> dict[str, Any]:

@@ -23,17 +23,17 @@ import pytest
 from conftest import run_job
 from ray_head import submit
 
-STAGES = ("teacher_data", "teacher", "label", "train", "quantize", "evaluate")
+STAGES = ("teacher_data", "teacher", "label", "train", "sample_r1", "train_r1", "quantize", "evaluate")
 
 
 def test_the_chain_runs_every_stage_and_reports(chain):
     root, _, proc, _ = chain
     for stage in STAGES:
         assert f"run: {stage} runs" in proc.stdout
-    # the terminal gets the stages' own lines, progress and report (measured: 60 lines); Ray's, vLLM's and the
-    # workers' output (measured: 1,300 lines) is in the run's log
+    # the terminal gets the stages' own lines, progress and report (measured: 109 lines, the on-policy round's
+    # included); Ray's, vLLM's and the workers' output (measured: 1,300 lines) is in the run's log
     terminal = proc.stdout + proc.stderr
-    assert len(terminal.splitlines()) <= 100, terminal
+    assert len(terminal.splitlines()) <= 130, terminal
     log = (root / "logs" / "run.log").read_text()
     assert "LLM engine" in log and "RayTrainWorker" in log and "LLM engine" not in terminal
     assert "train: steps: 100%" in proc.stderr and "evaluate: models: 100%" in proc.stderr
@@ -88,8 +88,12 @@ def test_hub_models_are_loaded_by_id_at_the_pinned_commit(chain):
     assert (lineage["student_base"], lineage["student_revision"]) == ("ray-distill/tiny-student", student)
     adapter = json.loads((root / "student" / "adapter" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == "ray-distill/tiny-student"
+    # the quantized student is the on-policy round's: an adapter on the KD student merged into the hub base, which
+    # the round trained from (its lineage's base); its records name run-root paths as URIs
     quantized = json.loads((root / "quantized" / "lineage.json").read_text())["student"]
-    assert (quantized["base"], quantized["base_revision"]) == ("ray-distill/tiny-student", student)
+    uri = f"s3://{hub['s3'].bucket}/{root.name}"
+    assert quantized["base"] == f"{uri}/onpolicy/round_1/samples/student" and quantized["base_revision"] is None
+    assert quantized["dir"] == f"{uri}/onpolicy/round_1/student"
     assert not (root / "models").exists()  # nothing was built locally: both models came from the cache
 
 
@@ -183,14 +187,14 @@ def test_a_changed_setting_reruns_its_stage_and_downstream_only(chain, ray_head)
     out = "".join(lines)
     assert code == 130 and took < 30, (code, took, out[-3000:])
     assert "run: interrupted (SIGINT)" in out and "run: stopped" in out and "Traceback" not in out, out[-3000:]
-    for stage in STAGES[:4]:
+    for stage in STAGES[:6]:
         assert f"run: {stage} skipped" in out
-    for stage in STAGES[4:]:
+    for stage in STAGES[6:]:
         assert f"run: {stage} re-runs from scratch" in out
 
     job = submit(ray_head, "ray_jobs/run.py", *changed)
     assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-4000:] + job.stderr[-4000:]
-    for stage in STAGES[:5]:  # quantize finished before the interruption
+    for stage in STAGES[:7]:  # quantize finished before the interruption
         assert f"run: {stage} skipped" in job.stdout
     assert "run: evaluate runs" in job.stdout
     assert {sub: (root / sub / "manifest.json").stat().st_mtime_ns for sub in before} == before
@@ -205,15 +209,17 @@ def test_a_changed_setting_reruns_its_stage_and_downstream_only(chain, ray_head)
 
 
 def test_the_evaluate_stage_alone_as_a_ray_job(chain, ray_head):
-    """`ray_jobs/evaluate.py` submitted to the head on the chain's run root, with the teacher the chain trained (as
-    run.py derives evaluate's config): nothing changed since the chain's evaluations, so every model's results are
-    reused, none is generated again, and the report is written and printed anew."""
+    """`ray_jobs/evaluate.py` submitted to the head on the chain's run root, with the teacher the chain trained and
+    the student of its on-policy round (as run.py derives evaluate's config): nothing changed since the chain's
+    evaluations, so every model's results are reused, none is generated again, and the report is written and printed
+    anew."""
     root, args, _, _ = chain
     report = root / "eval" / "report.md"
     before = report.stat().st_mtime_ns
     mine = [a for a in args if not a.startswith(("teacher.name_or_path=", "teacher.build="))]
+    uri = next(a for a in args if a.startswith("paths.run_root=")).split("=", 1)[1]
     job = submit(ray_head, "ray_jobs/evaluate.py", *mine, f"teacher.name_or_path={root}/teacher_sft/student/model",
-                 "teacher.build=null")
+                 "teacher.build=null", f"paths.student_dir={uri}/onpolicy/round_1/student")
     assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-4000:] + job.stderr[-4000:]
     reused = [line.split()[1] for line in job.stdout.splitlines()
               if line.startswith("evaluate: ") and line.endswith("results reused")]

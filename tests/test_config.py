@@ -123,6 +123,7 @@ def _sibling_group(lines, i):
     (["loss=dpo", "loss.beta=0"], r"^loss.beta=0.0 must be positive"),
     (["loss=kto", "train.sequence_parallel_size=2"], r"^loss.objective=kto scores whole sequences"),
     (["loss=dpo", "train.method=full", "deepspeed=zero3"], r"ZeRO-3 does not partition; use train.method=lora"),
+    (["loss=kto", "train.micro_batch_size=1"], r"needs train.micro_batch_size >= 2"),
     (["sample.model=best"], r"^sample.model='best' is not one of trained, base"),
     (["sample.sampling.temperature=0"], r"^sample.sampling.temperature=0.0 must be positive"),
     (["sample.scoring.concurrency=[2,1]"], r"^sample.scoring.concurrency=\[2, 1\] must be"),

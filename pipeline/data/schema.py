@@ -55,7 +55,7 @@ LABEL_COLUMNS: dict[str, pa.DataType] = {
 }
 LABEL_SCHEMA = pa.schema(list(LABEL_COLUMNS.items()))
 # the sample stage's shards: labels of the student's own responses (the teacher's top-k at each position), several
-# rows per id, `sample` numbering a prompt's samples (pipeline/sample)
+# rows per id, `sample` numbering a prompt's samples (pipeline/label/sample.py)
 SAMPLE_SCHEMA = pa.schema(list(LABEL_SCHEMA) + [pa.field("sample", pa.int32())])
 
 # the pairs stage's shards (pipeline/preference): per prompt, the teacher's response (chosen) against one of the
@@ -223,3 +223,15 @@ def write_table_atomic(table: pa.Table, path: Path) -> int:
     size = path.stat().st_size
     storage.published(path)  # a label shard outlives its node and a killed driver at a URI run root
     return size
+
+
+def pairs_fingerprint(pairs_dir: str | Path) -> str:
+    """What a training run on preference pairs depends on: the labels and samples they were made from and the rule
+    (the pairs stage's manifest.json)."""
+    path = Path(pairs_dir) / "manifest.json"
+    if not path.exists():
+        raise LabelsError(f"No pairs at {storage.portable(str(pairs_dir))} (manifest.json missing); run "
+                          "ray_jobs/pairs.py with the same paths.run_root first.")
+    m = json.loads(path.read_text())
+    key = {k: m[k] for k in ("labels", "samples", "per_prompt", "rule")}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]

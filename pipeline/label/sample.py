@@ -49,21 +49,26 @@ def labeling(stage: SampleStage) -> LabelStage:
                       label=replace(stage.label, mode="score", max_response_tokens=stage.sample.max_response_tokens))
 
 
-def sampled_model(stage: SampleStage) -> tuple[ModelConfig, dict[str, Any]]:
-    """The model the student actors load (a plain HF directory or hub id) and its fingerprint: the configured student
-    (`sample.model=base`), or what the train stage wrote, a LoRA adapter merged into its base first."""
+def sampled_fingerprint(stage: SampleStage) -> dict[str, Any]:
+    """The fingerprint of the student that samples: the configured student (`sample.model=base`), or what the train
+    stage wrote, as written (an adapter and its base; the merge `sampled_model` makes is redone on every run)."""
     if stage.sample.model == "base":
-        student = pin_revision(stage.student, "student")
-        ensure_model(student, "student")
-        return student, model_fingerprint(student, "student")
+        return model_fingerprint(stage.student, "student")
     files = find_student(stage.paths.student_dir)
-    # what the train stage wrote, fingerprinted as written (an adapter's merge is redone on every run)
     fingerprint = model_fingerprint(ModelConfig(name_or_path=str(files.path)), "student")
     if files.kind == "adapter":
         fingerprint["base"] = storage.portable(files.base)
         fingerprint["base_revision"] = files.base_revision
+    return fingerprint
+
+
+def sampled_model(stage: SampleStage) -> ModelConfig:
+    """The model the student actors load, a plain HF directory or hub id: a LoRA adapter is merged into its base
+    (in `<samples_dir>/student`, after the resume check, which may clear the samples folder)."""
+    if stage.sample.model == "base":
+        return stage.student
     path = full_weights(stage.paths.student_dir, Path(stage.paths.samples_dir) / "student")
-    return replace(stage.student, name_or_path=str(path), revision=None, build=None), fingerprint
+    return replace(stage.student, name_or_path=str(path), revision=None, build=None)
 
 
 def build_sample_manifest(stage: SampleStage, generator: dict[str, Any]) -> Manifest:
@@ -99,9 +104,9 @@ def run(cfg: Any) -> dict[str, Any]:
     stage.student = pin_revision(stage.student, "student")
     ensure_model(stage.student, "student")
     ensure_corpus(labeling(stage))
-    student, generator = sampled_model(stage)
-    manifest = check_resume(stage.paths.samples_dir, rejected_dir(stage), build_sample_manifest(stage, generator),
-                            s.overwrite, setting="sample")
+    manifest = check_resume(stage.paths.samples_dir, rejected_dir(stage),
+                            build_sample_manifest(stage, sampled_fingerprint(stage)), s.overwrite, setting="sample")
+    student = sampled_model(stage)
     init_ray(stage.cluster, *asks)
     write_manifest(stage.paths.samples_dir, manifest)
     Path(rejected_dir(stage)).mkdir(parents=True, exist_ok=True)
@@ -138,8 +143,10 @@ def build_dataset(stage: SampleStage, student: ModelConfig, ledger) -> "ray.data
     prep = PrepareSpec(tokenizer=t.name_or_path, revision=t.revision, mode="generate",
                        max_prompt_tokens=lab.max_prompt_tokens, max_response_tokens=s.max_response_tokens,
                        max_model_len=min(t.max_model_len, student.max_model_len))
+    # samples end where the teacher can still score them: within the smaller of the two models' lengths
     sampler = EngineSpec(model=student.name_or_path, revision=student.revision, dtype=student.dtype,
-                         max_model_len=student.max_model_len, tensor_parallel_size=student.tensor_parallel_size,
+                         max_model_len=min(t.max_model_len, student.max_model_len),
+                         tensor_parallel_size=student.tensor_parallel_size,
                          mode="sample", k=1, max_response_tokens=s.max_response_tokens,
                          temperature=s.sampling.temperature, top_p=s.sampling.top_p, seed=s.sampling.seed, n=s.n,
                          **asdict(s.engine))

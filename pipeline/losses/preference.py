@@ -1,5 +1,5 @@
 """Preference losses as pure functions of sequence log-probabilities: DPO (and its sigmoid, hinge, IPO and robust
-variants) and KTO, as TRL defines them (tests/test_preference.py checks both against TRL's trainers on the same
+variants) and KTO, as TRL defines them (tests/test_preference_losses.py checks both against TRL's trainers on the same
 tensors).
 
 A pair is (prompt, chosen, rejected): here chosen is the teacher's response and rejected the student's own sample

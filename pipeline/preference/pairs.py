@@ -112,17 +112,3 @@ def run(cfg: Any) -> dict[str, Any]:
           f"{counts['without_samples']} labeled prompts without samples); the teacher scores chosen above rejected by "
           f"{margin:.3f} nats per token on average\npairs: in {storage.portable(folder)}")
     return {**counts, "mean_score_margin": margin, "pairs_dir": str(folder)}
-
-
-def pairs_fingerprint(pairs_dir: str) -> str:
-    """What a training run on these pairs depends on: the labels and samples they were made from and the rule."""
-    import hashlib
-    import json
-
-    path = Path(pairs_dir) / "manifest.json"
-    if not path.exists():
-        raise LabelsError(f"No pairs at {storage.portable(pairs_dir)} (manifest.json missing); run ray_jobs/pairs.py "
-                          "with the same paths.run_root first.")
-    m = json.loads(path.read_text())
-    key = {k: m[k] for k in ("labels", "samples", "per_prompt", "rule")}
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]

@@ -178,9 +178,9 @@ def _replace(staging: Path, target: Path) -> None:
 
 def _lineage(paths, kind: str, source: Path, base: str | None, labels) -> dict[str, Any]:
     student_lineage = Path(paths.student_dir) / "lineage.json"
-    return {
+    return storage.portable({  # in a URI run root, its paths as URIs: the same record on every node
         "student": {"dir": paths.student_dir, "kind": kind, "source": str(source), "base": base,
                     "train_lineage": json.loads(student_lineage.read_text()) if student_lineage.exists() else None},
         "labels": {"dir": paths.labels_dir, "fingerprint": labels.fingerprint(), "teacher": labels.teacher,
                    "k": labels.k},
-    }
+    })

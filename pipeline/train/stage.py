@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from pipeline import storage
 from pipeline.config import LossConfig, TrainStage, train_stage, training_precision
 from pipeline.data.split import is_heldout, training_ids
-from pipeline.data.schema import Manifest, read_manifest, validate_labels_table, write_json_atomic
+from pipeline.data.schema import Manifest, pairs_fingerprint, read_manifest, validate_labels_table, write_json_atomic
 from pipeline.errors import ConfigError, LabelsError
 from pipeline.models.load import ensure_model, load_tokenizer_checked, pin_revision, tokenizer_fingerprint
 from pipeline.data.batches import PAIR_COLUMNS, REQUIRED_COLUMNS
@@ -79,6 +79,55 @@ def label_shards(stage: TrainStage) -> list[str]:
     return shards
 
 
+def training_sources(stage: TrainStage, shards: list[str], manifest: Manifest) -> list[tuple[list[str], list[str]]]:
+    """(shards, the ids of the rows trained on, one per row) for each source of training rows: the labels (or the
+    pairs), and with train.onpolicy_fraction > 0 the student's samples labeled by the teacher. Held-out ids are left
+    out of every source; train.max_rows caps the prompts. With samples, the labels kept are those with the smallest
+    sha256(id), as many as make the samples the configured share of the rows (all of them where that is too few)."""
+    t, fraction = stage.train, stage.heldout_fraction
+
+    def ids_of(files: list[str]) -> list[str]:
+        return pa.concat_tables([pq.read_table(f, columns=["id"]) for f in files]).column("id").to_pylist()
+
+    ids = ids_of(shards)
+    keep = training_ids(list(dict.fromkeys(ids)), fraction, t.max_rows)  # max_rows caps prompts (pairs repeat ids)
+    trained = [i for i in ids if (i in keep if keep is not None else not is_heldout(i, fraction))]
+    if stage.loss.objective != "distill" or t.onpolicy_fraction == 0:
+        return [(shards, trained)]
+    samples = read_manifest(stage.paths.samples_dir)
+    if samples.generator is None:
+        raise LabelsError(f"{storage.portable(stage.paths.samples_dir)} holds labels, not the student's samples; "
+                          "train.onpolicy_fraction mixes in the sample stage's output (ray_jobs/sample.py).")
+    if (samples.tokenizer_sha256, samples.k) != (manifest.tokenizer_sha256, manifest.k):
+        raise LabelsError(f"The samples in {storage.portable(stage.paths.samples_dir)} were scored with another "
+                          f"tokenizer or top-k (k={samples.k}) than the labels (k={manifest.k}); re-run "
+                          "ray_jobs/sample.py with the labels' teacher and label.k.")
+    files = sorted(str(p) for p in Path(stage.paths.samples_dir).glob("part-*.parquet"))
+    allowed = set(trained)
+    on_policy = [i for i in ids_of(files) if i in allowed] if files else []
+    if not on_policy:
+        raise LabelsError(f"No sample in {storage.portable(stage.paths.samples_dir)} is of a training prompt; run "
+                          "ray_jobs/sample.py on the labels' corpus first.")
+    share = t.onpolicy_fraction
+    wanted = round(len(on_policy) * (1 - share) / share)
+    offline = training_ids(trained, 0.0, wanted) if wanted else set()
+    sources = [(files, on_policy)]
+    if offline:
+        sources.insert(0, (shards, [i for i in trained if i in offline]))
+    return sources
+
+
+def _keep_rows(batch: pa.Table, ids, heldout_fraction: float | None) -> pa.Table:
+    """The rows of a read batch that are trained on: not held out (`heldout_fraction`), or in the id set `ids`."""
+    import ray
+
+    row_ids = batch.column("id").to_pylist()
+    if heldout_fraction is not None:
+        return batch.filter(pa.array([not is_heldout(i, heldout_fraction) for i in row_ids], pa.bool_()))
+    kept = ray.get(ids)
+    return batch.filter(pa.array([i in kept for i in row_ids], pa.bool_()))
+
+
 def pair_shards(stage: TrainStage) -> list[str]:
     shards = sorted(str(p) for p in Path(stage.paths.pairs_dir).glob("part-*.parquet"))
     if not shards:
@@ -103,12 +152,13 @@ def resume_config(stage: TrainStage, manifest: Manifest) -> dict[str, Any]:
     t = asdict(stage.train)
     current = {
         "labels": manifest.fingerprint(), "student": [stage.student.name_or_path, stage.student.revision],
-        "train": {k: v for k, v in t.items() if k not in RESUMABLE}, "heldout_fraction": stage.heldout_fraction,
+        "train": {k: v for k, v in t.items() if k not in RESUMABLE and not (k == "onpolicy_fraction" and not v)},
+        "heldout_fraction": stage.heldout_fraction,
         "loss": loss_settings(stage.loss), "deepspeed": stage.deepspeed}
     if stage.loss.objective != "distill":
-        from pipeline.preference.pairs import pairs_fingerprint
-
         current["pairs"] = pairs_fingerprint(stage.paths.pairs_dir)
+    elif stage.train.onpolicy_fraction > 0:
+        current["samples"] = read_manifest(stage.paths.samples_dir).fingerprint()
     return json.loads(json.dumps(storage.portable(current), default=str))
 
 
@@ -183,13 +233,13 @@ def run(cfg: Any) -> dict[str, Any]:
     shards = label_shards(stage)
     ensure_model(stage.student, "student")
     check_labels_match_student(manifest, stage)
-    # what the workers train on: the labels (KD), or the pairs made from them (DPO, KTO); held-out ids stay out
+    # what the workers train on: the labels (KD; with on-policy samples mixed in), or the pairs made from them (DPO,
+    # KTO); held-out ids stay out of every source
     preference = stage.loss.objective != "distill"
-    data, columns = (pair_shards(stage), PAIR_COLUMNS) if preference else (shards, REQUIRED_COLUMNS)
-    ids = pa.concat_tables([pq.read_table(s, columns=["id"]) for s in data]).column("id").to_pylist()
     fraction = stage.heldout_fraction
-    keep = training_ids(ids, fraction, t.max_rows)
-    rows = len(keep) if keep is not None else sum(not is_heldout(i, fraction) for i in ids)
+    columns = PAIR_COLUMNS if preference else REQUIRED_COLUMNS
+    sources = training_sources(stage, pair_shards(stage) if preference else shards, manifest)
+    rows = sum(len(kept) for _, kept in sources)
     per_worker = rows // t.num_workers
     if per_worker < t.micro_batch_size:
         raise LabelsError(f"{rows} {'pairs' if preference else 'labeled rows'} cannot fill a micro-batch of "
@@ -216,6 +266,8 @@ def run(cfg: Any) -> dict[str, Any]:
         merge=t.merge, seed=t.seed, sequence_parallel_size=t.sequence_parallel_size, cache_shard_mb=t.cache_shard_mb,
         shuffle=t.shuffle,
         eval_rows=heldout_rows(shards, fraction, t.max_eval_rows),
+        onpolicy_eval_rows=heldout_rows(sources[-1][0], fraction, t.max_eval_rows) if not preference
+        and t.onpolicy_fraction else None,
         lineage=storage.portable({"labels_manifest": str(Path(stage.paths.labels_dir) / "manifest.json"),
                  "labels_fingerprint": manifest.fingerprint(), "student_base": stage.student.name_or_path,
                  "student_revision": stage.student.revision,
@@ -224,13 +276,17 @@ def run(cfg: Any) -> dict[str, Any]:
                  "deepspeed": stage.deepspeed}),  # in a URI run root, its paths as URIs: any node reads it
     )
     init_ray(stage.cluster, workers)
-    def trained(i: str) -> bool:
-        return i in keep if keep is not None else not is_heldout(i, fraction)
-
-    # at a URI run root, read where every node finds them
-    dataset = ray.data.read_parquet([storage.remote_of(s) or s for s in data], columns=["id", *columns]).map_batches(
-        lambda b: b.filter(pa.array([trained(i) for i in b.column("id").to_pylist()], pa.bool_())),
-        batch_format="pyarrow")
+    parts = []
+    for files, kept in sources:
+        # the rows a source keeps: by the held-out rule alone where nothing else narrows it (no id set to ship to
+        # every read task), else by the set of its ids, put in the object store once
+        rule = None if len(sources) > 1 or t.max_rows is not None or preference else fraction
+        ids = ray.put(set(kept)) if rule is None else None
+        # at a URI run root, read where every node finds them
+        parts.append(ray.data.read_parquet([storage.remote_of(f) or f for f in files], columns=["id", *columns])
+                     .map_batches(_keep_rows, fn_kwargs={"ids": ids, "heldout_fraction": rule}, batch_format="pyarrow"))
+    # an on-policy mix: the samples and the labels interleaved, not one source after the other
+    dataset = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:]).randomize_block_order(seed=t.seed)
     # Ray Train's controller collects one report per worker each poll and a worker's next report waits for that:
     # at Ray's default 2 s, a small model idles on every report, and a checkpoint reported just before a crash is
     # never registered, so the replacement group restarts from an older one. Read by fit(), passed to the controller.
@@ -251,8 +307,9 @@ def run(cfg: Any) -> dict[str, Any]:
     curves = plot_losses(Path(stage.paths.student_dir))
     summary = {"steps": total_steps, "rows": rows, "metrics": result.metrics, "student_dir": stage.paths.student_dir,
                "loss_plot": str(curves) if curves else None}
-    print(f"train: {total_steps} steps on {rows} {'pairs (' + stage.loss.objective + ')' if preference else 'labeled rows'}; "
-          f"student in {storage.portable(stage.paths.student_dir)}")
+    what = (f"pairs ({stage.loss.objective})" if preference else "labeled rows" if len(sources) == 1 and not
+            t.onpolicy_fraction else f"rows, {len(sources[-1][1]) / rows:.0%} of them the student's own samples")
+    print(f"train: {total_steps} steps on {rows} {what}; student in {storage.portable(stage.paths.student_dir)}")
     return summary
 
 

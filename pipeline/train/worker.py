@@ -54,6 +54,8 @@ class WorkerSpec:
     cache_shard_mb: float = 0
     shuffle: bool = False
     eval_rows: dict[str, list] | None = None
+    # on-policy rounds: the held-out prompts' samples of the student that sampled them, labeled by the teacher
+    onpolicy_eval_rows: dict[str, list] | None = None
     lineage: dict[str, Any] = field(default_factory=dict)
 
 
@@ -146,6 +148,8 @@ def train_loop(config: dict[str, Any]) -> None:
     # DPO and KTO: the starting student, frozen, as the reference (LoRA: the same model with its adapter off)
     frozen = build_student(replace(spec, method="full", gradient_checkpointing=False)).eval().requires_grad_(False) \
         if objective != "distill" and spec.method == "full" else None
+    if frozen is not None and spec.use_gpu:
+        frozen.to(torch.device("cuda", torch.cuda.current_device()))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
     scheduler = get_scheduler(SCHEDULES[spec.lr_schedule], optimizer, num_warmup_steps=spec.warmup_steps,
@@ -187,16 +191,18 @@ def train_loop(config: dict[str, Any]) -> None:
             if i < skip:  # consumed before the checkpoint this run resumed from
                 continue
             if objective != "distill":  # DPO, KTO: pairs of whole sequences, no sequence parallelism
-                batch = collate_pairs(rows, spec.max_seq_len, pad, mismatched=objective == "kto")
+                batch = on_device(collate_pairs(rows, spec.max_seq_len, pad, mismatched=objective == "kto"), engine)
                 losses, weight = preference_losses(engine, frozen, batch, spec.loss), 1.0
             else:
                 batch = collate(rows, k=spec.k, max_seq_len=spec.max_seq_len, pad_id=pad)
+                if mpu is not None:
+                    batch = sp.split(batch, mpu.get_sequence_parallel_rank(), sp_size, spec.micro_batch_size)
+                batch = on_device(batch, engine)
                 if mpu is None:
                     weight = 1.0
                     out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **no_logits)
                     logits = (hidden.value if hidden else out.logits)[:, :-1]
                 else:
-                    batch = sp.split(batch, mpu.get_sequence_parallel_rank(), sp_size, spec.micro_batch_size)
                     weight = sp.loss_weight(batch["loss_mask"], batch["total_tokens"])
                     out = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"], **no_logits)
                     logits = hidden.value if hidden else out.logits
@@ -216,7 +222,7 @@ def train_loop(config: dict[str, Any]) -> None:
             step = engine.global_steps
             names = list(losses)  # loss, ce, kd (distill); loss, reward_margin, reward_accuracy (dpo, kto)
             stats = torch.tensor([losses[n].item() * weight for n in names] + [tokens_since], dtype=torch.float64)
-            dist.all_reduce(stats)
+            stats = all_reduce(stats)
             elapsed = time.perf_counter() - t0
             metrics = {"step": step, "epoch": epoch, **{n: stats[i].item() / data_ranks for i, n in enumerate(names)},
                        "lr": scheduler.get_last_lr()[0], "grad_norm": _float(engine.get_global_grad_norm()),
@@ -271,8 +277,8 @@ def preference_losses(engine, frozen, batch, loss: dict[str, Any]) -> dict[str, 
         with torch.no_grad():
             if frozen is not None:
                 return logps(frozen, prefix)
-            with engine.module.disable_adapter():
-                return logps(engine.module, prefix)
+            with engine.module.disable_adapter():  # through the engine, as TRL does: ZeRO-3's hooks see one order
+                return logps(engine, prefix)
 
     policy, ref = logps(engine), reference()
     b = policy.shape[0] // 2
@@ -284,13 +290,30 @@ def preference_losses(engine, frozen, batch, loss: dict[str, Any]) -> dict[str, 
     else:
         with torch.no_grad():
             gap = (logps(engine, "kl_") - reference("kl_")).mean()
-        dist.all_reduce(gap)  # TRL's `kto_reference_point` over every rank's batch
+        gap = all_reduce(gap)  # TRL's `kto_reference_point` over every rank's batch
         z0 = (gap / dist.get_world_size()).clamp(min=0)
-        desirable = torch.arange(2 * b) < b
+        desirable = torch.arange(2 * b, device=policy.device) < b
         out = kto_loss(policy, ref, desirable, z0, beta=beta,
                        desirable_weight=loss["desirable_weight"], undesirable_weight=loss["undesirable_weight"])
     return {"loss": out["loss"], "reward_margin": out["chosen_reward"] - out["rejected_reward"],
             "reward_accuracy": out["reward_accuracy"]}
+
+
+def on_device(batch: dict[str, Any], engine) -> dict[str, Any]:
+    """A collated batch (CPU tensors) on the engine's device (a no-op on CPUs)."""
+    return {k: v.to(engine.device) if hasattr(v, "to") else v for k, v in batch.items()}
+
+
+def all_reduce(tensor, op=None):
+    """`dist.all_reduce` of a small CPU tensor (counts, sums), returned on the CPU: under NCCL (GPU workers) the
+    reduction runs on this rank's GPU, which is the only device NCCL reduces on."""
+    import torch
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else tensor.device
+    moved = tensor.to(device)
+    dist.all_reduce(moved, op=op if op is not None else dist.ReduceOp.SUM)
+    return moved.to(tensor.device)
 
 
 class DecoderOutput:
@@ -315,26 +338,32 @@ def _most_chunks(mask, chunk_tokens: int) -> int:
     import torch.distributed as dist
 
     count = torch.tensor([math.ceil(int((mask > 0).sum()) / chunk_tokens)], dtype=torch.long)
-    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    count = all_reduce(count, dist.ReduceOp.MAX)
     return int(count.item())
 
 
 def evaluate_heldout(engine, spec: WorkerSpec, mpu, data_ranks: int, pad: int, rank: int) -> None:
-    """Top-1 agreement, KL to the teacher and perplexity on the held-out rows, appended to eval.jsonl.
+    """`evaluate_rows` on the held-out labels, and in an on-policy round on the held-out prompts' samples too."""
+    evaluate_rows(engine, spec, mpu, data_ranks, pad, rank, spec.eval_rows, "labels")
+    evaluate_rows(engine, spec, mpu, data_ranks, pad, rank, spec.onpolicy_eval_rows, "samples")
+
+
+def evaluate_rows(engine, spec: WorkerSpec, mpu, data_ranks: int, pad: int, rank: int, eval_rows, on: str) -> None:
+    """Top-1 agreement, KL to the teacher and perplexity on held-out rows (`on`: the teacher's labels, or the
+    student's samples labeled by the teacher), appended to eval.jsonl.
 
     Every rank holds the same rows in the same order (they come with the spec, not from a data shard), so
     ZeRO-3 gathers and sequence-parallel all-to-alls line up; summed over ranks, each row counts
     `data_ranks` times."""
-    if not spec.eval_rows:
+    if not eval_rows:
         return
     import torch
-    import torch.distributed as dist
 
     from pipeline.metrics import summarize, teacher_forced_sums
     from pipeline.train import sequence_parallel as sp
     from pipeline.data.batches import collate
 
-    rows = {key: np.asarray(value, dtype=object) for key, value in spec.eval_rows.items()}
+    rows = {key: np.asarray(value, dtype=object) for key, value in eval_rows.items()}
     n = len(next(iter(rows.values())))
     sums = torch.zeros(4, dtype=torch.float64)
     engine.eval()
@@ -342,24 +371,27 @@ def evaluate_heldout(engine, spec: WorkerSpec, mpu, data_ranks: int, pad: int, r
         for start in range(0, n, spec.micro_batch_size):
             batch = collate({k: v[start:start + spec.micro_batch_size] for k, v in rows.items()}, k=spec.k,
                             max_seq_len=spec.max_seq_len, pad_id=pad)
+            if mpu is not None:
+                batch = sp.split(batch, mpu.get_sequence_parallel_rank(), spec.sequence_parallel_size,
+                                 spec.micro_batch_size)
+            batch = on_device(batch, engine)
             if mpu is None:
                 logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
             else:
-                batch = sp.split(batch, mpu.get_sequence_parallel_rank(), spec.sequence_parallel_size,
-                                 spec.micro_batch_size)
                 logits = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
             part = teacher_forced_sums(logits, batch["labels"], batch["loss_mask"], batch["teacher_ids"],
                                        batch["teacher_logprobs"], batch["teacher_tail"])
             sums += torch.tensor([part["tokens"], part["agree"], part["kl"], part["nll"]], dtype=torch.float64)
     engine.train()
-    dist.all_reduce(sums)
+    sums = all_reduce(sums)
     sums /= data_ranks
-    result = {"step": engine.global_steps, "rows": n,
+    result = {"step": engine.global_steps, "rows": n, **({"on": on} if on != "labels" else {}),
               **summarize(dict(zip(("tokens", "agree", "kl", "nll"), sums.tolist())))}
     if rank == 0:
         with (Path(spec.student_dir) / "eval.jsonl").open("a") as f:
             f.write(json.dumps(result) + "\n")
-        print(f"train: held-out at step {result['step']}: top-1 agreement {result['top1_agreement']:.3f}, "
+        what = "held-out" if on == "labels" else "held-out prompts' samples"
+        print(f"train: {what} at step {result['step']}: top-1 agreement {result['top1_agreement']:.3f}, "
               f"KL to teacher {result['kl_to_teacher']:.4f}, perplexity {result['perplexity']:.2f}", flush=True)
 
 
@@ -397,7 +429,7 @@ class ShardEpochs:
             # in id order, so the permutation does not depend on the order Ray Data read the rows in
             columns = {key: [row for b in self.kept for row in b[key]] for key in self.kept[0]}
             n = len(next(iter(columns.values())))
-            base = sorted(range(n), key=columns["id"].__getitem__) if "id" in columns else range(n)
+            base = sorted(range(n), key=lambda i: _row_key(columns, i)) if "id" in columns else range(n)
             self.rows = {key: [value[i] for i in base] for key, value in columns.items()}
         n = len(next(iter(self.rows.values())))
         order = np.random.default_rng([*self.seed, epoch]).permutation(n)
@@ -418,9 +450,16 @@ class ShardEpochs:
                     kept.append(batch)
             yield batch
         fits = torch.tensor([int(kept is not None)])
-        dist.all_reduce(fits, op=dist.ReduceOp.MIN)  # every worker ends its pass here, at the same step
+        fits = all_reduce(fits, dist.ReduceOp.MIN)  # every worker ends its pass here, at the same step
         if fits.item():
             self.kept = kept
+
+
+def _row_key(columns: dict[str, list], i: int) -> tuple:
+    """A row's place in id order, its content breaking ties: an id repeats in an on-policy mix (the teacher's row and
+    the student's samples) and in pairs, and rows of one id must not be ordered by how Ray Data read them."""
+    content = tuple(np.asarray(columns[key][i]).tobytes() for key in sorted(columns) if key != "id")
+    return columns["id"][i], content
 
 
 def _nbytes(batch: dict[str, np.ndarray]) -> int:
