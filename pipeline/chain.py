@@ -1,6 +1,7 @@
 """The whole pipeline in one command, re-running only what changed.
 
-    [teacher_data → teacher]  label → train  [sample_r1 → train_r1 → …]  [baseline]  quantize → evaluate  (→ serve)
+    [teacher_data → teacher]  label → train  [sample_r1 → train_r1 → …]  [baseline]  quantize → evaluate
+    (→ serve)
 
 With `run.teacher_sft.enabled` (the offline demo) the teacher is first trained on the corpus by the train
 stage in SFT mode (α=1): `teacher_data` is the label stage in reference mode (the corpus's reference

@@ -281,8 +281,7 @@ ALL_LINEAR = "train.lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,u
 
 @pytest.fixture(scope="session")
 def chain(tmp_path_factory, hub_models):
-    """One tiny chain run (ray_jobs/run.py: SFT teacher → label → train → one on-policy round (sample_r1 → train_r1)
-    → quantize → evaluate) on the hub models,
+    """One tiny chain run (ray_jobs/run.py: SFT teacher → label → train → quantize → evaluate) on the hub models,
     both trainings under ZeRO-3 with optimizer states and parameters offloaded to CPU memory (the teacher's SFT:
     full fine-tuning; the student's KD: LoRA), with the LM head fused into the loss (64 positions a chunk). Its run
     root is in the session's S3 bucket (`on_s3`). The chain's tests (tests/test_chain.py) and the job-submitted serve
@@ -309,5 +308,4 @@ def chain_figures(chain) -> list:
 def _chain_args(uri: str, root: Path, hub_models: dict) -> list[str]:
     return ["debug=tiny", f"paths.run_root={uri}", *hub_models["overrides"], "run.teacher_sft.enabled=true",
             "train.lr=1e-2", "train.epochs=6", ALL_LINEAR, "deepspeed=zero3_offload", "train.loss_chunk_tokens=64",
-            "run.onpolicy.rounds=1",
             f"evaluate.baseline_path={uri}/teacher_sft/student/model"]

@@ -23,17 +23,17 @@ import pytest
 from conftest import run_job
 from ray_head import submit
 
-STAGES = ("teacher_data", "teacher", "label", "train", "sample_r1", "train_r1", "quantize", "evaluate")
+STAGES = ("teacher_data", "teacher", "label", "train", "quantize", "evaluate")
 
 
 def test_the_chain_runs_every_stage_and_reports(chain):
     root, _, proc, _ = chain
     for stage in STAGES:
         assert f"run: {stage} runs" in proc.stdout
-    # the terminal gets the stages' own lines, progress and report (measured: 109 lines, the on-policy round's
-    # included); Ray's, vLLM's and the workers' output (measured: 1,300 lines) is in the run's log
+    # the terminal gets the stages' own lines, progress and report (measured: 60 lines); Ray's, vLLM's and the
+    # workers' output (measured: 1,300 lines) is in the run's log
     terminal = proc.stdout + proc.stderr
-    assert len(terminal.splitlines()) <= 130, terminal
+    assert len(terminal.splitlines()) <= 100, terminal
     log = (root / "logs" / "run.log").read_text()
     assert "LLM engine" in log and "RayTrainWorker" in log and "LLM engine" not in terminal
     assert "train: steps: 100%" in proc.stderr and "evaluate: models: 100%" in proc.stderr
@@ -88,12 +88,8 @@ def test_hub_models_are_loaded_by_id_at_the_pinned_commit(chain):
     assert (lineage["student_base"], lineage["student_revision"]) == ("ray-distill/tiny-student", student)
     adapter = json.loads((root / "student" / "adapter" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == "ray-distill/tiny-student"
-    # the quantized student is the on-policy round's: an adapter on the KD student merged into the hub base, which
-    # the round trained from (its lineage's base); its records name run-root paths as URIs
     quantized = json.loads((root / "quantized" / "lineage.json").read_text())["student"]
-    uri = f"s3://{hub['s3'].bucket}/{root.name}"
-    assert quantized["base"] == f"{uri}/onpolicy/round_1/samples/student" and quantized["base_revision"] is None
-    assert quantized["dir"] == f"{uri}/onpolicy/round_1/student"
+    assert (quantized["base"], quantized["base_revision"]) == ("ray-distill/tiny-student", student)
     assert not (root / "models").exists()  # nothing was built locally: both models came from the cache
 
 
@@ -187,14 +183,14 @@ def test_a_changed_setting_reruns_its_stage_and_downstream_only(chain, ray_head)
     out = "".join(lines)
     assert code == 130 and took < 30, (code, took, out[-3000:])
     assert "run: interrupted (SIGINT)" in out and "run: stopped" in out and "Traceback" not in out, out[-3000:]
-    for stage in STAGES[:6]:
+    for stage in STAGES[:4]:
         assert f"run: {stage} skipped" in out
-    for stage in STAGES[6:]:
+    for stage in STAGES[4:]:
         assert f"run: {stage} re-runs from scratch" in out
 
     job = submit(ray_head, "ray_jobs/run.py", *changed)
     assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-4000:] + job.stderr[-4000:]
-    for stage in STAGES[:7]:  # quantize finished before the interruption
+    for stage in STAGES[:5]:  # quantize finished before the interruption
         assert f"run: {stage} skipped" in job.stdout
     assert "run: evaluate runs" in job.stdout
     assert {sub: (root / sub / "manifest.json").stat().st_mtime_ns for sub in before} == before
@@ -209,17 +205,15 @@ def test_a_changed_setting_reruns_its_stage_and_downstream_only(chain, ray_head)
 
 
 def test_the_evaluate_stage_alone_as_a_ray_job(chain, ray_head):
-    """`ray_jobs/evaluate.py` submitted to the head on the chain's run root, with the teacher the chain trained and
-    the student of its on-policy round (as run.py derives evaluate's config): nothing changed since the chain's
-    evaluations, so every model's results are reused, none is generated again, and the report is written and printed
-    anew."""
+    """`ray_jobs/evaluate.py` submitted to the head on the chain's run root, with the teacher the chain trained (as
+    run.py derives evaluate's config): nothing changed since the chain's evaluations, so every model's results are
+    reused, none is generated again, and the report is written and printed anew."""
     root, args, _, _ = chain
     report = root / "eval" / "report.md"
     before = report.stat().st_mtime_ns
     mine = [a for a in args if not a.startswith(("teacher.name_or_path=", "teacher.build="))]
-    uri = next(a for a in args if a.startswith("paths.run_root=")).split("=", 1)[1]
     job = submit(ray_head, "ray_jobs/evaluate.py", *mine, f"teacher.name_or_path={root}/teacher_sft/student/model",
-                 "teacher.build=null", f"paths.student_dir={uri}/onpolicy/round_1/student")
+                 "teacher.build=null")
     assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-4000:] + job.stderr[-4000:]
     reused = [line.split()[1] for line in job.stdout.splitlines()
               if line.startswith("evaluate: ") and line.endswith("results reused")]
@@ -318,3 +312,55 @@ def test_the_chain_exports_live_figures_while_it_runs(chain, chain_figures):
     evaluated = [v for n, _, v in samples if n == "ray_distill_evaluate_models_done"]
     models = [v for n, _, v in samples if n == "ray_distill_evaluate_models"]
     assert max(models) >= 3 and 1 <= max(evaluated) <= max(models), (evaluated, models)
+
+
+def test_on_policy_rounds_chain_sampling_and_training_from_the_newest_student(tmp_path, monkeypatch):
+    """`run.onpolicy.rounds=2`: after the KD student, each round samples with the newest student and trains the next
+    one from it (a LoRA adapter's merge, which the round's sample stage wrote), on its samples mixed with the labels
+    under run.onpolicy's loss; quantize and evaluate take the last round's student. Stages replaced by recorders, as
+    above (tests/test_preference.py runs the two stages for real)."""
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF
+    from pipeline import chain
+
+    started = []
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+    def recorder(name):
+        def run(cfg):
+            started.append((name, cfg))
+            root = Path(cfg.paths.run_root)
+            mark = {"label": Path(cfg.paths.labels_dir) / "manifest.json",
+                    "sample": Path(cfg.paths.samples_dir) / "manifest.json",
+                    "train": Path(cfg.paths.student_dir) / "lineage.json",
+                    "quantize": root / "quantized" / "manifest.json", "evaluate": root / "eval" / "metrics.json"}[name]
+            mark.parent.mkdir(parents=True, exist_ok=True)
+            mark.write_text("{}")
+        return run
+
+    monkeypatch.setattr(chain, "_entry", recorder)
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["debug=tiny", f"paths.run_root={tmp_path}", "run.onpolicy.rounds=2"])
+    assert list(chain.run(cfg)) == ["label", "train", "sample_r1", "train_r1", "sample_r2", "train_r2", "quantize",
+                                    "evaluate"]
+    by_name = dict(zip(["label", "train", "sample_r1", "train_r1", "sample_r2", "train_r2", "quantize", "evaluate"],
+                       (c for _, c in started)))
+    r1, r2 = tmp_path / "onpolicy" / "round_1", tmp_path / "onpolicy" / "round_2"
+    assert by_name["sample_r1"].paths.student_dir == f"{tmp_path}/student"
+    assert by_name["sample_r1"].paths.samples_dir == f"{r1}/samples"
+    assert by_name["sample_r2"].paths.student_dir == f"{r1}/student"
+    t1, t2 = by_name["train_r1"], by_name["train_r2"]
+    assert (t1.student.name_or_path, t1.paths.samples_dir, t1.paths.student_dir) == (
+        f"{r1}/samples/student", f"{r1}/samples", f"{r1}/student")
+    assert t2.student.name_or_path == f"{r2}/samples/student" and t2.paths.student_dir == f"{r2}/student"
+    assert t1.train.onpolicy_fraction == 0.5 and t1.loss.divergence == "jsd" and t1.train.epochs == 1
+    assert by_name["train"].train.onpolicy_fraction == 0.0 and by_name["train"].loss.divergence == "forward_kl"
+    assert by_name["quantize"].paths.student_dir == f"{r2}/student"
+    assert by_name["evaluate"].paths.student_dir == f"{r2}/student"
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        dpo = compose("config", overrides=["debug=tiny", f"paths.run_root={tmp_path}", "loss=dpo"])
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="ray_jobs/run.py does not make"):
+        chain.run(dpo)

@@ -44,7 +44,8 @@ def rejected_dir(stage: SampleStage) -> str:
 
 
 def labeling(stage: SampleStage) -> LabelStage:
-    """The label stage's view of this run: the teacher scores (score mode) responses up to sample.max_response_tokens."""
+    """The label stage's view of this run: the teacher scores (score mode) responses up to
+    sample.max_response_tokens."""
     return LabelStage(paths=stage.paths, cluster=stage.cluster, teacher=stage.teacher, data=stage.data,
                       label=replace(stage.label, mode="score", max_response_tokens=stage.sample.max_response_tokens))
 
@@ -178,7 +179,9 @@ def totals(stage: SampleStage) -> dict[str, Any]:
 
     samples = read(stage.paths.samples_dir, ["source", "line", "response_ids", "token_logprob"])
     rejected = read(rejected_dir(stage), ["source", "line"])
-    keys = lambda t: set(zip(t.column("source").to_pylist(), t.column("line").to_pylist())) if t is not None else set()  # noqa: E731
+    def keys(table: pa.Table | None) -> set:
+        return set(zip(table.column("source").to_pylist(), table.column("line").to_pylist())) if table else set()
+
     sampled, refused = keys(samples), keys(rejected)
     out = {"prompts_read": len(sampled | refused), "prompts_sampled": len(sampled),
            "prompts_rejected": len(refused - sampled), "samples": 0, "identical_samples": 0, "tokens_scored": 0,
