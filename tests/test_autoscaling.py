@@ -67,8 +67,9 @@ def test_the_teacher_pool_grows_over_new_nodes_survives_a_lost_node_and_the_node
                                                                                      hub_models, tmp_path):
     ray_bin, address, env, temp_dir, *_ = autoscaling_cluster
     # enough rows that both actors run with 240 or more still to label (measured: the second actor's first output at
-    # about 67 s, 192 rows done), few enough that the one actor left after the kill finishes them in seconds
-    paths, good, total = write_corpus(tmp_path / "corpus", 900, with_response=False, seed=11)
+    # 67 s with 192 rows done, and at 85 s in a busier run), few enough that the one actor left after the kill
+    # finishes soon (1,500 rows took 166-193 s, 900 took 126 s)
+    paths, good, total = write_corpus(tmp_path / "corpus", 1100, with_response=False, seed=11)
     args = ["ray_jobs/label.py", "debug=tiny", f"paths.run_root={tmp_path}", "data.build=null",
             f"data.paths=[{','.join(str(p) for p in paths)}]", "label.mode=generate", "label.max_response_tokens=96",
             "label.batch_size=8", "label.concurrency=[1,2]", "label.num_gpus_per_actor=1", *hub_models["overrides"]]
