@@ -44,7 +44,7 @@ class Stage:
     entry: str  # label | sample | train | quantize | evaluate
     groups: tuple[str, ...]  # config groups this stage's own work depends on
     deps: tuple[str, ...]  # stages whose outputs it reads
-    done: str  # a file (relative to the run root, after `derive`) that exists once the stage succeeded
+    done: tuple[str, str]  # (a path key, a file in that folder, after `derive`): it exists once the stage succeeded
     outputs: tuple[str, ...]  # path keys removed before a changed re-run
     derive: Callable[[dict[str, Any]], dict[str, Any]] = lambda plain: plain
 
@@ -153,35 +153,35 @@ def stages(plain: dict[str, Any]) -> list[Stage]:
     chain = []
     if sft:
         chain += [
-            Stage("teacher_data", "label", ("teacher", "data", "label", "seed"), (), "teacher_sft/labels/manifest.json",
+            Stage("teacher_data", "label", ("teacher", "data", "label", "seed"), (), ("labels_dir", "manifest.json"),
                   ("labels_dir", "rejected_dir", "data_dir"), _teacher_data),
-            Stage("teacher", "train", _TRAIN, ("teacher_data",), "teacher_sft/student/lineage.json",
+            Stage("teacher", "train", _TRAIN, ("teacher_data",), ("student_dir", "lineage.json"),
                   ("student_dir", "train_storage"), _teacher),
         ]
     chain += [
         Stage("label", "label", ("teacher", "data", "label", "seed"), ("teacher",) if sft else (),
-              "labels/manifest.json", ("labels_dir", "rejected_dir") + (() if sft else ("data_dir",)), _trained_teacher),
-        Stage("train", "train", _TRAIN, ("label",), "student/lineage.json", ("student_dir", "train_storage"),
+              ("labels_dir", "manifest.json"), ("labels_dir", "rejected_dir") + (() if sft else ("data_dir",)),
+              _trained_teacher),
+        Stage("train", "train", _TRAIN, ("label",), ("student_dir", "lineage.json"), ("student_dir", "train_storage"),
               _trained_teacher),
     ]
     newest = "train"
     for r in range(1, _rounds(plain) + 1):  # on-policy distillation: sample, then train on the samples, each round
-        d = f"onpolicy/round_{r}"
         chain += [
             Stage(f"sample_r{r}", "sample", ("sample", "teacher", "label", "data", "seed"), (newest, "label"),
-                  f"{d}/samples/manifest.json", ("samples_dir",), lambda p, r=r: _sample_round(p, r)),
-            Stage(f"train_r{r}", "train", _TRAIN, (f"sample_r{r}", "label"), f"{d}/student/lineage.json",
+                  ("samples_dir", "manifest.json"), ("samples_dir",), lambda p, r=r: _sample_round(p, r)),
+            Stage(f"train_r{r}", "train", _TRAIN, (f"sample_r{r}", "label"), ("student_dir", "lineage.json"),
                   ("student_dir", "train_storage"), lambda p, r=r: _train_round(p, r)),
         ]
         newest = f"train_r{r}"
     if run["baseline"]:
         chain.append(Stage("baseline", "train", _TRAIN, ("teacher_data",) if sft else ("label",),
-                           "baseline/lineage.json", ("student_dir", "train_storage"), _baseline))
+                           ("student_dir", "lineage.json"), ("student_dir", "train_storage"), _baseline))
     chain += [
-        Stage("quantize", "quantize", ("quantize", "heldout_fraction"), (newest,), "quantized/manifest.json",
+        Stage("quantize", "quantize", ("quantize", "heldout_fraction"), (newest,), ("quantized_dir", "manifest.json"),
               ("quantized_dir",), _final_student),
         Stage("evaluate", "evaluate", ("evaluate", "teacher", "student"),
-              ("label", newest, "quantize") + (("baseline",) if run["baseline"] else ()), "eval/metrics.json",
+              ("label", newest, "quantize") + (("baseline",) if run["baseline"] else ()), ("eval_dir", "metrics.json"),
               ("eval_dir",), _evaluate),
     ]
     return [s for s in chain if s.name not in (run.get("skip") or [])]
@@ -251,7 +251,8 @@ def run(cfg: Any) -> dict[str, str]:
     started = time.perf_counter()
     for stage in chain:
         fp, derived = prints[stage.name], stage.derive(plain)
-        if record.get(stage.name) == fp and (root / stage.done).exists():
+        key, mark = stage.done
+        if record.get(stage.name) == fp and (Path(derived["paths"][key]) / mark).exists():
             print(f"run: {stage.name} skipped (config and inputs unchanged since its last successful run)", flush=True)
             outcome[stage.name] = "skipped"
             continue

@@ -364,3 +364,87 @@ def test_on_policy_rounds_chain_sampling_and_training_from_the_newest_student(tm
 
     with pytest.raises(ConfigError, match="ray_jobs/run.py does not make"):
         chain.run(dpo)
+
+
+def test_a_killed_round_resumes_at_its_round(tmp_path, monkeypatch):
+    """A run killed in round 2's training resumes there: the label, train and round 1 stages and round 2's sampling
+    are skipped, round 2's train stage starts again with its checkpoints kept (the train stage resumes from the
+    newest one, tests/test_train_stage.py kills one for real), and quantize and evaluate follow. Stages replaced by
+    recorders, as above."""
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF
+    from pipeline import chain
+
+    started, kill = [], {"train_r2"}
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+    def recorder(name):
+        def run(cfg):
+            root = Path(cfg.paths.run_root)
+            stage = {"label": "label", "sample": "sample_r" + Path(cfg.paths.samples_dir).parent.name[-1],
+                     "train": Path(cfg.paths.student_dir).parent.name.replace("round_", "train_r")
+                     if "onpolicy" in cfg.paths.student_dir else "train",
+                     "quantize": "quantize", "evaluate": "evaluate"}[name]
+            started.append(stage)
+            if name == "train":  # a checkpoint, then (once) the kill
+                ckpt = Path(cfg.paths.train_storage) / "checkpoint_000001"
+                ckpt.mkdir(parents=True, exist_ok=True)
+                if stage in kill:
+                    kill.discard(stage)
+                    raise KeyboardInterrupt
+            mark = {"label": Path(cfg.paths.labels_dir) / "manifest.json",
+                    "sample": Path(cfg.paths.samples_dir) / "manifest.json",
+                    "train": Path(cfg.paths.student_dir) / "lineage.json",
+                    "quantize": root / "quantized" / "manifest.json", "evaluate": root / "eval" / "metrics.json"}[name]
+            mark.parent.mkdir(parents=True, exist_ok=True)
+            mark.write_text("{}")
+        return run
+
+    monkeypatch.setattr(chain, "_entry", recorder)
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["debug=tiny", f"paths.run_root={tmp_path}", "run.onpolicy.rounds=2"])
+    with pytest.raises(KeyboardInterrupt):
+        chain.run(cfg)
+    assert started == ["label", "train", "sample_r1", "train_r1", "sample_r2", "train_r2"]
+    checkpoint = tmp_path / "onpolicy" / "round_2" / "train" / "checkpoint_000001"
+    assert checkpoint.is_dir()
+    started.clear()
+    outcome = chain.run(cfg)
+    assert started == ["train_r2", "quantize", "evaluate"]
+    assert [name for name, how in outcome.items() if how == "skipped"] == ["label", "train", "sample_r1", "train_r1",
+                                                                         "sample_r2"]
+    assert checkpoint.is_dir()  # resumed from, not removed as a changed stage's outputs are
+
+
+def test_a_stage_writing_outside_the_default_layout_is_seen_done(tmp_path, monkeypatch):
+    """A stage is done when its own output folder, as derived for it, holds its mark: a student directory set apart
+    from the run root (`paths.student_dir=...`) is not trained again on the next run. Recorders, as above."""
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF
+    from pipeline import chain
+
+    started = []
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+    def recorder(name):
+        def run(cfg):
+            started.append(name)
+            mark = {"label": Path(cfg.paths.labels_dir) / "manifest.json",
+                    "train": Path(cfg.paths.student_dir) / "lineage.json",
+                    "quantize": Path(cfg.paths.quantized_dir) / "manifest.json",
+                    "evaluate": Path(cfg.paths.eval_dir) / "metrics.json"}[name]
+            mark.parent.mkdir(parents=True, exist_ok=True)
+            mark.write_text("{}")
+        return run
+
+    monkeypatch.setattr(chain, "_entry", recorder)
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["debug=tiny", f"paths.run_root={tmp_path}/run",
+                                           f"paths.student_dir={tmp_path}/elsewhere/student",
+                                           f"paths.eval_dir={tmp_path}/elsewhere/eval"])
+    chain.run(cfg)
+    assert started == ["label", "train", "quantize", "evaluate"]
+    started.clear()
+    assert set(chain.run(cfg).values()) == {"skipped"} and started == []
