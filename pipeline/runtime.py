@@ -71,6 +71,19 @@ def check_local_fit(cluster: ClusterConfig, *asks: Ask) -> None:
             _check(cluster, ask, have)
 
 
+def check_room_for_tasks(cluster: ClusterConfig, pools: dict[str, float], fix: str) -> None:
+    """Before an embedded Ray starts: stop with one sentence when the actor pools' minimums (`pools`: the setting that
+    sizes each → the CPUs its minimum takes) leave no CPU for Ray Data's read and prepare tasks, which run beside them
+    and ask for one each: the pools would start and wait forever for rows. A cluster may grow, so it is not checked."""
+    if not is_embedded(cluster):
+        return
+    have, taken = local_resources(cluster)["CPU"], sum(pools.values())
+    if taken + 1 > have + 1e-6:
+        raise ConfigError(f"The actor pools' minimums ({', '.join(pools)}) take {taken:g} of the embedded Ray's "
+                          f"{have:g} CPUs and leave less than the one Ray Data's reading tasks need beside them, so the stage "
+                          f"would wait forever; {fix}.")
+
+
 def local_resources(cluster: ClusterConfig) -> dict[str, float]:
     """The CPUs and GPUs an embedded Ray has (or will have when it starts): `cluster.num_cpus`, else what Ray
     detects on this machine, as `ray.init` counts them."""

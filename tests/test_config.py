@@ -138,6 +138,21 @@ def test_wrong_config_is_one_clear_sentence(override, message):
         pairs_stage(cfg)
 
 
+def test_actor_pools_that_leave_no_cpu_for_reading_are_refused_before_ray_starts(tmp_path):
+    """The sample stage's two pools run at once beside Ray Data's read and prepare tasks: on an embedded Ray of 2 CPUs,
+    a student and a teacher actor of 1 CPU each would start and wait forever for rows (a hang once seen)."""
+    import ray
+
+    from pipeline.label.sample import run
+
+    cfg = _compose("debug=tiny", f"paths.run_root={tmp_path}", "cluster.num_cpus=2", "sample.num_cpus_per_actor=1",
+                   "sample.scoring.num_cpus_per_actor=1")
+    with pytest.raises(ConfigError, match=r"take 2 of the embedded Ray's 2 CPUs and leave less than the one Ray Data's "
+                                          r"reading tasks need .*; lower sample.num_cpus_per_actor"):
+        run(cfg)
+    assert not ray.is_initialized() and not any(tmp_path.iterdir())
+
+
 def test_a_student_seed_leaves_the_sft_teacher_alone():
     """train.seed varies the students; the SFT teacher (run.teacher_sft) follows the global seed, so a sweep over
     student seeds re-trains neither the teacher nor its labels."""

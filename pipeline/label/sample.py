@@ -90,7 +90,7 @@ def run(cfg: Any) -> dict[str, Any]:
     import ray
 
     from pipeline.generation.prepare import Ledger
-    from pipeline.runtime import Ask, check_local_fit, init_ray, is_embedded
+    from pipeline.runtime import Ask, check_local_fit, check_room_for_tasks, init_ray, is_embedded
 
     stage = sample_stage(cfg)
     s = stage.sample
@@ -101,6 +101,12 @@ def run(cfg: Any) -> dict[str, Any]:
                 {"CPU": s.scoring.num_cpus_per_actor, "GPU": s.scoring.num_gpus_per_actor},
                 "lower sample.scoring.concurrency[0] or sample.scoring.num_cpus_per_actor, or raise cluster.num_cpus")]
     check_local_fit(stage.cluster, *asks)
+    check_room_for_tasks(stage.cluster, {"sample.concurrency[0] × sample.num_cpus_per_actor":
+                                         s.concurrency[0] * s.num_cpus_per_actor,
+                                         "sample.scoring.concurrency[0] × sample.scoring.num_cpus_per_actor":
+                                         s.scoring.concurrency[0] * s.scoring.num_cpus_per_actor},
+                         "lower sample.num_cpus_per_actor or sample.scoring.num_cpus_per_actor (0.5 each on two CPUs), "
+                         "or raise cluster.num_cpus")
     stage.teacher = pin_revision(stage.teacher, "teacher")
     stage.student = pin_revision(stage.student, "student")
     ensure_model(stage.student, "student")
