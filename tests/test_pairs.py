@@ -60,3 +60,29 @@ def test_collated_pairs_score_only_the_completions_and_kto_shifts_them_across_pr
     # KTO's mismatched sequences: each prompt with the completion before it (cyclically): prompt 0 gets [9, 10, 11]
     assert out["kl_input_ids"][0].tolist() == [1, 2, 3, 9, 10, 11] and out["kl_input_ids"][1].tolist()[:3] == [4, 5, 6]
     assert torch.equal(out["kl_loss_mask"].sum(-1), torch.tensor([3.0, 2.0, 1.0, 1.0]))
+
+
+def test_capped_pairs_train_on_the_labels_transfer_set(tmp_path):
+    """train.max_rows picks the transfer set among the labels' ids, so DPO or KTO on pairs made from them trains on the
+    prompts the KD student was distilled on (those that made a pair), not on the first prompts among the pairs."""
+    import pyarrow.parquet as pq
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF
+    from pipeline.config import train_stage
+    from pipeline.data.split import training_ids
+    from pipeline.train.stage import training_sources
+
+    label_ids = [f"row-{i}" for i in range(400)]
+    pair_ids = [i for i in label_ids[::3] for _ in range(2)]  # a third of the prompts, two pairs each
+    pq.write_table(pa.table({"id": label_ids}), tmp_path / "labels.parquet")
+    pq.write_table(pa.table({"id": pair_ids}), tmp_path / "pairs.parquet")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["debug=tiny", f"paths.run_root={tmp_path}", "loss=dpo",
+                                           "train.max_rows=60", "heldout_fraction=0.1"])
+    stage = train_stage(cfg)
+    [(files, kept)] = training_sources(stage, [str(tmp_path / "pairs.parquet")], None,
+                                       labels=[str(tmp_path / "labels.parquet")])
+    transfer = training_ids(label_ids, 0.1, 60)
+    assert kept == [i for i in pair_ids if i in transfer] and 0 < len(set(kept)) < 60
+    assert training_ids(list(dict.fromkeys(pair_ids)), 0.1, 60) != set(kept)  # what it was: the pairs' first 60

@@ -79,18 +79,22 @@ def label_shards(stage: TrainStage) -> list[str]:
     return shards
 
 
-def training_sources(stage: TrainStage, shards: list[str], manifest: Manifest) -> list[tuple[list[str], list[str]]]:
+def training_sources(stage: TrainStage, shards: list[str], manifest: Manifest,
+                     labels: list[str] | None = None) -> list[tuple[list[str], list[str]]]:
     """(shards, the ids of the rows trained on, one per row) for each source of training rows: the labels (or the
-    pairs), and with train.onpolicy_fraction > 0 the student's samples labeled by the teacher. Held-out ids are left
-    out of every source; train.max_rows caps the prompts. With samples, the labels kept are those with the smallest
-    sha256(id), as many as make the samples the configured share of the rows (all of them where that is too few)."""
+    pairs, with the labels' shards as `labels`), and with train.onpolicy_fraction > 0 the student's samples labeled by
+    the teacher. Held-out ids are left out of every source. train.max_rows caps the prompts: the transfer set is
+    chosen among the labels' ids, so pairs made from them train on the KD student's prompts (those of them that made
+    a pair). With samples, the labels kept are those with the smallest sha256(id), as many as make the samples the
+    configured share of the rows (all of them where that is too few)."""
     t, fraction = stage.train, stage.heldout_fraction
 
     def ids_of(files: list[str]) -> list[str]:
         return pa.concat_tables([pq.read_table(f, columns=["id"]) for f in files]).column("id").to_pylist()
 
     ids = ids_of(shards)
-    keep = training_ids(list(dict.fromkeys(ids)), fraction, t.max_rows)  # max_rows caps prompts (pairs repeat ids)
+    prompts = ids_of(labels) if labels and t.max_rows is not None else ids
+    keep = training_ids(list(dict.fromkeys(prompts)), fraction, t.max_rows)  # pairs repeat ids
     trained = [i for i in ids if (i in keep if keep is not None else not is_heldout(i, fraction))]
     if stage.loss.objective != "distill" or t.onpolicy_fraction == 0:
         return [(shards, trained)]
@@ -238,7 +242,8 @@ def run(cfg: Any) -> dict[str, Any]:
     preference = stage.loss.objective != "distill"
     fraction = stage.heldout_fraction
     columns = PAIR_COLUMNS if preference else REQUIRED_COLUMNS
-    sources = training_sources(stage, pair_shards(stage) if preference else shards, manifest)
+    sources = training_sources(stage, pair_shards(stage), manifest, labels=shards) if preference else \
+        training_sources(stage, shards, manifest)
     rows = sum(len(kept) for _, kept in sources)
     per_worker = rows // t.num_workers
     if per_worker < t.micro_batch_size:
