@@ -238,6 +238,7 @@ def run(cfg: Any) -> dict[str, str]:
     # ray_jobs/plan.py's check before the first stage: every stage's config is consistent and its minimum fits the
     # cluster described in config (or this machine), so a run never stops at stage four for want of a GPU
     plan_of(plain, with_serve=plain["run"]["serve"])
+    _check_room(plain)
     if plain["run"]["serve"]:
         _serve_front_door(plain)
     root = Path(plain["paths"]["run_root"])
@@ -282,6 +283,21 @@ def run(cfg: Any) -> dict[str, str]:
     if plain["run"]["serve"]:
         _entry("serve")(OmegaConf.create(_final_student(plain)))
     return outcome
+
+
+def _check_room(plain: dict[str, Any]) -> None:
+    """On an embedded Ray, every label and sample stage's actor pools leave Ray Data's reading tasks a CPU (checked
+    before the first stage, not when a round's sampling starts)."""
+    from pipeline.config import label_stage, sample_stage
+    from pipeline.label import sample, stage as label
+
+    for s in stages(plain):
+        if s.entry in ("label", "sample"):
+            config = s.derive(plain)
+            if s.entry == "label":
+                label.check_room(label_stage(config))
+            else:
+                sample.check_room(sample_stage(config))
 
 
 def _serve_front_door(plain: dict[str, Any]) -> None:

@@ -410,6 +410,15 @@ def test_a_killed_round_resumes_at_its_round(tmp_path, monkeypatch):
     checkpoint = tmp_path / "onpolicy" / "round_2" / "train" / "checkpoint_000001"
     assert checkpoint.is_dir()
     started.clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        crowded = compose("config", overrides=["debug=tiny", f"paths.run_root={tmp_path}", "run.onpolicy.rounds=2",
+                                               "cluster.num_cpus=2", "sample.num_cpus_per_actor=1",
+                                               "sample.scoring.num_cpus_per_actor=1"])
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="leave less than the one Ray Data's reading tasks need"):
+        chain.run(crowded)  # refused before its first stage, not when a round's sampling would wait forever
+    assert started == []
     outcome = chain.run(cfg)
     assert started == ["train_r2", "quantize", "evaluate"]
     assert [name for name, how in outcome.items() if how == "skipped"] == ["label", "train", "sample_r1", "train_r1",

@@ -148,7 +148,7 @@ def test_actor_pools_that_leave_no_cpu_for_reading_are_refused_before_ray_starts
     cfg = _compose("debug=tiny", f"paths.run_root={tmp_path}", "cluster.num_cpus=2", "sample.num_cpus_per_actor=1",
                    "sample.scoring.num_cpus_per_actor=1")
     with pytest.raises(ConfigError, match=r"take 2 of the embedded Ray's 2 CPUs and leave less than the one Ray Data's "
-                                          r"reading tasks need .*; lower sample.num_cpus_per_actor"):
+                                          r"reading tasks need .*; lower either pool's concurrency"):
         run(cfg)
     assert not ray.is_initialized() and not any(tmp_path.iterdir())
 

@@ -85,12 +85,24 @@ def build_sample_manifest(stage: SampleStage, generator: dict[str, Any]) -> Mani
         "student": generator, "n": s.n, "sampling": asdict(s.sampling), "max_response_tokens": s.max_response_tokens})
 
 
+def check_room(stage) -> None:
+    """The student's and the teacher's pools run at once, beside Ray Data's reading tasks (`check_room_for_tasks`)."""
+    from pipeline.runtime import check_room_for_tasks
+
+    s = stage.sample
+    check_room_for_tasks(stage.cluster, {"sample.concurrency[0] × sample.num_cpus_per_actor":
+                                         s.concurrency[0] * s.num_cpus_per_actor,
+                                         "sample.scoring.concurrency[0] × sample.scoring.num_cpus_per_actor":
+                                         s.scoring.concurrency[0] * s.scoring.num_cpus_per_actor},
+                         "lower either pool's concurrency[0] or num_cpus_per_actor, or raise cluster.num_cpus")
+
+
 def run(cfg: Any) -> dict[str, Any]:
     """Sample the student on the configured corpus and score the samples with the teacher; returns the summary."""
     import ray
 
     from pipeline.generation.prepare import Ledger
-    from pipeline.runtime import Ask, check_local_fit, check_room_for_tasks, init_ray, is_embedded
+    from pipeline.runtime import Ask, check_local_fit, init_ray, is_embedded
 
     stage = sample_stage(cfg)
     s = stage.sample
@@ -101,12 +113,7 @@ def run(cfg: Any) -> dict[str, Any]:
                 {"CPU": s.scoring.num_cpus_per_actor, "GPU": s.scoring.num_gpus_per_actor},
                 "lower sample.scoring.concurrency[0] or sample.scoring.num_cpus_per_actor, or raise cluster.num_cpus")]
     check_local_fit(stage.cluster, *asks)
-    check_room_for_tasks(stage.cluster, {"sample.concurrency[0] × sample.num_cpus_per_actor":
-                                         s.concurrency[0] * s.num_cpus_per_actor,
-                                         "sample.scoring.concurrency[0] × sample.scoring.num_cpus_per_actor":
-                                         s.scoring.concurrency[0] * s.scoring.num_cpus_per_actor},
-                         "lower sample.num_cpus_per_actor or sample.scoring.num_cpus_per_actor (0.5 each on two CPUs), "
-                         "or raise cluster.num_cpus")
+    check_room(stage)
     stage.teacher = pin_revision(stage.teacher, "teacher")
     stage.student = pin_revision(stage.student, "student")
     ensure_model(stage.student, "student")

@@ -93,11 +93,22 @@ def ensure_corpus(stage: LabelStage) -> None:
             storage.push(path)  # where every node reads it, at a URI run root
 
 
+def check_room(stage) -> None:
+    """The teacher pool runs beside Ray Data's reading tasks (`check_room_for_tasks`); reference mode runs no pool."""
+    from pipeline.runtime import check_room_for_tasks
+
+    lab = stage.label
+    if lab.mode != "reference":
+        check_room_for_tasks(stage.cluster, {"label.concurrency[0] × label.num_cpus_per_actor":
+                                             lab.concurrency[0] * lab.num_cpus_per_actor},
+                             "lower label.concurrency[0] or label.num_cpus_per_actor, or raise cluster.num_cpus")
+
+
 def run(cfg: Any) -> dict[str, Any]:
     """Label the configured corpus with the configured teacher; returns the end-of-job summary."""
     import ray
 
-    from pipeline.runtime import Ask, check_local_fit, check_room_for_tasks, init_ray, is_embedded
+    from pipeline.runtime import Ask, check_local_fit, init_ray, is_embedded
 
     stage = label_stage(cfg)
     lab = stage.label
@@ -106,10 +117,7 @@ def run(cfg: Any) -> dict[str, Any]:
                     "lower label.concurrency[0], label.num_cpus_per_actor or label.num_gpus_per_actor, or raise "
                     "cluster.num_cpus")] if lab.mode != "reference" else []  # reference mode runs no teacher
     check_local_fit(stage.cluster, *teachers)
-    if teachers:
-        check_room_for_tasks(stage.cluster, {"label.concurrency[0] × label.num_cpus_per_actor":
-                                             lab.concurrency[0] * lab.num_cpus_per_actor},
-                             "lower label.concurrency[0] or label.num_cpus_per_actor, or raise cluster.num_cpus")
+    check_room(stage)
     stage.teacher = pin_revision(stage.teacher, "teacher")  # every actor loads this commit of a hub teacher
     ensure_corpus(stage)
     manifest = check_resume(stage.paths.labels_dir, stage.paths.rejected_dir, build_manifest(stage),
