@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 VERBOSE_ENV = "RAY_DISTILL_VERBOSE"
-_OWN = re.compile(r"(run|label|sample|pairs|train|quantize|evaluate|serve|plan|error|warning): ")
+_OWN = re.compile(r"(run|compare|label|sample|pairs|train|quantize|evaluate|serve|plan|error|warning): ")
 _COLOR = r"(?:\x1b\[[\d;]*m)*"
 # "(RayTrainWorker pid=123)", "(MapWorker(MapBatches(VLLMGenerator)) pid=45, ip=10.0.0.2)", "(pid=7)"
 _RAY_PREFIX = re.compile(rf"{_COLOR}\((?:[^()]|\((?:[^()]|\([^()]*\))*\))*?pid=\d+[^)]*\){_COLOR} ?")
