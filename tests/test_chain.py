@@ -314,6 +314,16 @@ def test_the_chain_exports_live_figures_while_it_runs(chain, chain_figures):
     assert max(models) >= 3 and 1 <= max(evaluated) <= max(models), (evaluated, models)
 
 
+def _finish(entry: str, cfg) -> None:
+    """What a recorder standing in for a stage leaves: the file that marks the stage finished, in its output folder."""
+    mark = {"label": Path(cfg.paths.labels_dir) / "manifest.json",
+            "sample": Path(cfg.paths.samples_dir) / "manifest.json", "train": Path(cfg.paths.student_dir) / "lineage.json",
+            "quantize": Path(cfg.paths.quantized_dir) / "manifest.json",
+            "evaluate": Path(cfg.paths.eval_dir) / "metrics.json"}[entry]
+    mark.parent.mkdir(parents=True, exist_ok=True)
+    mark.write_text("{}")
+
+
 def test_on_policy_rounds_chain_sampling_and_training_from_the_newest_student(tmp_path, monkeypatch):
     """`run.onpolicy.rounds=2`: after the KD student, each round samples with the newest student and trains the next
     one from it (a LoRA adapter's merge, which the round's sample stage wrote), on its samples mixed with the labels
@@ -330,13 +340,7 @@ def test_on_policy_rounds_chain_sampling_and_training_from_the_newest_student(tm
     def recorder(name):
         def run(cfg):
             started.append((name, cfg))
-            root = Path(cfg.paths.run_root)
-            mark = {"label": Path(cfg.paths.labels_dir) / "manifest.json",
-                    "sample": Path(cfg.paths.samples_dir) / "manifest.json",
-                    "train": Path(cfg.paths.student_dir) / "lineage.json",
-                    "quantize": root / "quantized" / "manifest.json", "evaluate": root / "eval" / "metrics.json"}[name]
-            mark.parent.mkdir(parents=True, exist_ok=True)
-            mark.write_text("{}")
+            _finish(name, cfg)
         return run
 
     monkeypatch.setattr(chain, "_entry", recorder)
@@ -381,7 +385,6 @@ def test_a_killed_round_resumes_at_its_round(tmp_path, monkeypatch):
 
     def recorder(name):
         def run(cfg):
-            root = Path(cfg.paths.run_root)
             stage = {"label": "label", "sample": "sample_r" + Path(cfg.paths.samples_dir).parent.name[-1],
                      "train": Path(cfg.paths.student_dir).parent.name.replace("round_", "train_r")
                      if "onpolicy" in cfg.paths.student_dir else "train",
@@ -393,12 +396,7 @@ def test_a_killed_round_resumes_at_its_round(tmp_path, monkeypatch):
                 if stage in kill:
                     kill.discard(stage)
                     raise KeyboardInterrupt
-            mark = {"label": Path(cfg.paths.labels_dir) / "manifest.json",
-                    "sample": Path(cfg.paths.samples_dir) / "manifest.json",
-                    "train": Path(cfg.paths.student_dir) / "lineage.json",
-                    "quantize": root / "quantized" / "manifest.json", "evaluate": root / "eval" / "metrics.json"}[name]
-            mark.parent.mkdir(parents=True, exist_ok=True)
-            mark.write_text("{}")
+            _finish(name, cfg)
         return run
 
     monkeypatch.setattr(chain, "_entry", recorder)
@@ -440,12 +438,7 @@ def test_a_stage_writing_outside_the_default_layout_is_seen_done(tmp_path, monke
     def recorder(name):
         def run(cfg):
             started.append(name)
-            mark = {"label": Path(cfg.paths.labels_dir) / "manifest.json",
-                    "train": Path(cfg.paths.student_dir) / "lineage.json",
-                    "quantize": Path(cfg.paths.quantized_dir) / "manifest.json",
-                    "evaluate": Path(cfg.paths.eval_dir) / "metrics.json"}[name]
-            mark.parent.mkdir(parents=True, exist_ok=True)
-            mark.write_text("{}")
+            _finish(name, cfg)
         return run
 
     monkeypatch.setattr(chain, "_entry", recorder)
