@@ -61,6 +61,15 @@ def _sub(plain: dict[str, Any], **updates: Any) -> dict[str, Any]:
     return out
 
 
+def _sft_only(plain) -> dict[str, Any]:
+    """The loss of the teacher's SFT and the SFT-only baseline: the labels' CE alone, whatever online terms the
+    students' loss weighs (set only where the loss has weights, so a run without them keeps its fingerprints)."""
+    sft = {"loss.alpha": 1.0}
+    if (plain.get("loss") or {}).get("weights"):
+        sft["loss.weights"] = {"offline": 1.0, "online_kd": 0.0, "hidden": 0.0, "attention": 0.0}
+    return sft
+
+
 def _sft_dir(plain: dict[str, Any]) -> Path:
     return Path(plain["paths"]["run_root"]) / "teacher_sft"
 
@@ -74,7 +83,7 @@ def _teacher_data(plain):
 def _teacher(plain):
     d, sft = _sft_dir(plain), plain["run"]["teacher_sft"]
     out = _sub(_teacher_data(plain), student=plain["teacher"], **{
-        "loss.alpha": 1.0, "paths.student_dir": str(d / "student"), "paths.train_storage": str(d / "train"),
+        **_sft_only(plain), "paths.student_dir": str(d / "student"), "paths.train_storage": str(d / "train"),
         "train.method": "full"})
     for key, value in sft["train"].items():
         out["train"][key] = value
@@ -90,7 +99,7 @@ def _trained_teacher(plain):
 def _baseline(plain):
     root = Path(plain["paths"]["run_root"])
     source = _teacher_data(plain) if plain["run"]["teacher_sft"]["enabled"] else plain
-    return _sub(plain, **{"loss.alpha": 1.0, "paths.labels_dir": source["paths"]["labels_dir"],
+    return _sub(plain, **{**_sft_only(plain), "paths.labels_dir": source["paths"]["labels_dir"],
                           "paths.student_dir": str(root / "baseline"), "paths.train_storage": str(root / "baseline_train")})
 
 

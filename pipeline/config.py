@@ -52,6 +52,7 @@ class ClusterConfig:
 
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
 
 @dataclass
@@ -64,10 +65,16 @@ class ModelConfig:
     build: dict[str, Any] | None = None
     # parameters (from the model card) for ray_jobs/plan.py's memory and time estimates; null: read from the model
     num_parameters: float | None = None
+    # transformers' attention where the model trains or teaches online (vLLM picks its own): sdpa | eager |
+    # flash_attention_2 (CUDA only)
+    attn_implementation: str = "sdpa"
 
     def validate(self, role: str) -> None:
         if self.dtype not in DTYPES:
             raise ConfigError(f"{role}.dtype={self.dtype!r} is not a dtype; use one of {', '.join(DTYPES)}.")
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ConfigError(f"{role}.attn_implementation={self.attn_implementation!r} is not one of "
+                              f"{', '.join(ATTN_IMPLEMENTATIONS)}.")
         if self.tensor_parallel_size < 1:
             raise ConfigError(f"{role}.tensor_parallel_size={self.tensor_parallel_size} must be at least 1.")
 
@@ -265,6 +272,17 @@ class LoraConfig:
 
 
 @dataclass
+class GaloreConfig:
+    rank: int = 128
+    update_proj_gap: int = 200
+    scale: float = 0.25
+
+
+OPTIMIZERS = ("adamw", "galore")
+TEACHER_PLACEMENTS = ("device", "zero3", "cpu_offload")
+
+
+@dataclass
 class TrainConfig:
     method: str = "lora"
     num_workers: int = 2
@@ -285,6 +303,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     loss_chunk_tokens: int = 0
     lora: LoraConfig = field(default_factory=LoraConfig)
+    optimizer: str = "adamw"
+    galore: GaloreConfig = field(default_factory=GaloreConfig)
+    teacher_placement: str = "device"
     checkpoint_every: int = 50
     report_every: int = 10
     report_poll_s: float = 0.2
@@ -305,6 +326,16 @@ class TrainConfig:
                               "student.dtype=float32 (or auto) to train on CPUs.")
         if self.method not in ("lora", "full"):
             raise ConfigError(f"train.method={self.method!r} is not a method; use lora or full.")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"train.optimizer={self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}.")
+        if self.optimizer == "galore" and self.method != "full":
+            raise ConfigError("train.optimizer=galore projects the gradients of whole weight matrices, which "
+                              "train.method=lora does not train; set train.method=full.")
+        if self.galore.rank < 1 or self.galore.update_proj_gap < 1:
+            raise ConfigError("train.galore.rank and train.galore.update_proj_gap must be at least 1.")
+        if self.teacher_placement not in TEACHER_PLACEMENTS:
+            raise ConfigError(f"train.teacher_placement={self.teacher_placement!r} is not one of "
+                              f"{', '.join(TEACHER_PLACEMENTS)}.")
         if self.lr_schedule not in ("constant", "linear", "cosine"):
             raise ConfigError(f"train.lr_schedule={self.lr_schedule!r}; use constant, linear or cosine.")
         if not 0 <= self.onpolicy_fraction <= 1:
@@ -329,6 +360,9 @@ class TrainConfig:
 
 
 OBJECTIVES = ("distill", "dpo", "kto")
+# the terms a distill loss sums (loss.weights): the top-k KD on the labels, and those that need the teacher online
+LOSS_TERMS = ("offline", "online_kd", "hidden", "attention")
+ONLINE_TERMS = LOSS_TERMS[1:]
 
 
 @dataclass
@@ -347,10 +381,35 @@ class LossConfig:
     # kto: weights of desirable (the teacher's) and undesirable (the student's) completions
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
+    # distill: the weight of each term of the sum (LOSS_TERMS); hidden and attention match these block pairs
+    # (student, teacher; None: evenly spaced) with this distance
+    weights: dict[str, float] = field(default_factory=lambda: {"offline": 1.0, "online_kd": 0.0, "hidden": 0.0,
+                                                               "attention": 0.0})
+    layer_map: list[list[int]] | None = None
+    hidden_loss: str = "mse"
+
+    def online(self) -> list[str]:
+        """The terms with a weight that need the teacher alive in the workers."""
+        return [t for t in ONLINE_TERMS if self.weights.get(t, 0) > 0]
 
     def validate(self) -> None:
+        from pipeline.losses.features import HIDDEN_LOSSES
         from pipeline.losses.kd import DIVERGENCES
         from pipeline.losses.preference import DPO_VARIANTS
+
+        unknown = sorted(set(self.weights) - set(LOSS_TERMS))
+        if unknown:
+            raise ConfigError(f"loss.weights has {unknown}; the terms are {', '.join(LOSS_TERMS)}.")
+        if any(w < 0 for w in self.weights.values()) or not any(w > 0 for w in self.weights.values()):
+            raise ConfigError(f"loss.weights={self.weights} must be at least 0 each and above 0 for one term.")
+        if self.hidden_loss not in HIDDEN_LOSSES:
+            raise ConfigError(f"loss.hidden_loss={self.hidden_loss!r} is not one of {', '.join(HIDDEN_LOSSES)}.")
+        if self.layer_map is not None and any(len(pair) != 2 for pair in self.layer_map):
+            raise ConfigError(f"loss.layer_map={self.layer_map} must be a list of [student block, teacher block] "
+                              "pairs (0-based), or null for evenly spaced.")
+        if self.objective != "distill" and (self.online() or self.weights.get("offline", 1.0) != 1.0):
+            raise ConfigError(f"loss.weights sums distillation terms; loss.objective={self.objective} trains on pairs "
+                              "with its own loss: leave loss.weights at its default.")
 
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"loss.objective={self.objective!r} is not one of {', '.join(OBJECTIVES)}.")
@@ -392,6 +451,8 @@ class TrainStage:
     deepspeed: dict[str, Any]
     # labeled rows held out by a hash of their id (pipeline/data/split.py), shared with the quantize gate
     heldout_fraction: float = 0.05
+    # the teacher, for the loss terms that need it online in the workers (LossConfig.online)
+    teacher: ModelConfig | None = None
 
 
 @dataclass
@@ -577,10 +638,12 @@ def train_stage(cfg: Any) -> TrainStage:
         loss=to_dataclass(LossConfig, plain["loss"], "loss"),
         deepspeed=dict(plain["deepspeed"]),
         heldout_fraction=heldout_fraction(plain),
+        teacher=to_dataclass(ModelConfig, plain["teacher"], "teacher") if plain.get("teacher") else None,
     )
     stage.student.validate("student")
     stage.train.validate(stage.student)
     stage.loss.validate()
+    check_online(stage)
     if stage.loss.objective != "distill":
         t, objective = stage.train, stage.loss.objective
         if t.sequence_parallel_size > 1 or t.loss_chunk_tokens:
@@ -594,6 +657,36 @@ def train_stage(cfg: Any) -> TrainStage:
                               "student in every worker, which ZeRO-3 does not partition; use train.method=lora (the "
                               "reference is the base with the adapter switched off) or deepspeed=zero2.")
     return stage
+
+
+def check_online(stage: TrainStage) -> None:
+    """Refuse, before any work, what the online terms, GaLore and flash attention cannot do."""
+    t, online = stage.train, stage.loss.online()
+    zero = (stage.deepspeed.get("zero_optimization") or {}).get("stage", 0)
+    if t.optimizer == "galore" and zero >= 1:
+        raise ConfigError(f"train.optimizer=galore needs each weight's whole gradient matrix, which DeepSpeed ZeRO "
+                          f"stage {zero} flattens and partitions; use deepspeed=none (no partitioning).")
+    models = [("student", stage.student)] + ([("teacher", stage.teacher)] if online else [])
+    if online:
+        if stage.teacher is None:
+            raise ConfigError(f"loss.weights gives {', '.join(online)} a weight, which needs the teacher online; "
+                              "configure the teacher group.")
+        stage.teacher.validate("teacher")
+        if t.sequence_parallel_size > 1:
+            raise ConfigError(f"loss.weights gives {', '.join(online)} a weight, which runs the teacher on whole "
+                              "sequences; set train.sequence_parallel_size=1.")
+        if "online_kd" in online and t.loss_chunk_tokens:
+            raise ConfigError("loss.weights.online_kd compares the whole vocabulary's logits, which the fused LM head "
+                              "never builds; set train.loss_chunk_tokens=0.")
+    for role, model in models:
+        if not model.attn_implementation.startswith("flash"):
+            continue
+        if not t.use_gpu:
+            raise ConfigError(f"{role}.attn_implementation={model.attn_implementation} runs on CUDA GPUs only and "
+                              "train.use_gpu=false trains on CPUs; use sdpa.")
+        if t.sequence_parallel_size > 1 or "attention" in online:
+            raise ConfigError(f"{role}.attn_implementation={model.attn_implementation} cannot run under sequence "
+                              "parallelism or give the attention term its maps (sdpa wraps both); use sdpa.")
 
 
 def evaluate_stage(cfg: Any) -> EvaluateStage:

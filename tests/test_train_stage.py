@@ -238,3 +238,41 @@ def test_the_steps_display_ends_at_the_last_step_written(tmp_path, capsys):
             for step in (1, 2, 3):
                 f.write(json.dumps({"step": step, "loss": 1.0 / step}) + "\n")
     assert "train: steps: 100%" in capsys.readouterr().err
+
+
+def test_online_terms_and_galore_train_under_ray_train(labeled, tmp_path):
+    """Every online term at once (loss=kd_online: top-k KD on the labels, full-vocabulary KD, hidden states through a
+    learned projection from the student's width 64 to the teacher's 128, attention maps of 2 student heads against 4
+    teacher heads, averaged) with the teacher partitioned by ZeRO-3 across 2 Ray Train workers, and GaLore (rank 8 =
+    width/8, its update at full scale so that 36 steps move the attention) training the full student without ZeRO
+    partitioning. Each term is logged and falls; the projections are saved beside a student that transformers loads
+    without them, and reload."""
+    from pipeline.train.online import load_projections
+
+    run_root = tmp_path / "run"
+    run_root.mkdir()
+    for sub in ("labels", "models"):
+        (run_root / sub).symlink_to(labeled / sub)
+    proc = run_job("train.py", "debug=tiny", f"paths.run_root={run_root}", "loss=kd_online", "train.method=full",
+                   "train.optimizer=galore", "train.galore.rank=8", "train.galore.update_proj_gap=10",
+                   "train.galore.scale=1",
+                   "deepspeed=none", "train.teacher_placement=zero3", "train.epochs=4", "train.lr=2e-2",
+                   "train.checkpoint_every=100")
+    assert "online teacher" in proc.stdout and "(zero3)" in proc.stdout, proc.stdout[-3000:]
+    held = float(proc.stdout.split("(zero3): ")[1].split(" MiB")[0])
+    teacher_mib = sum(f.stat().st_size for f in (run_root / "models" / "tiny-teacher").glob("*.safetensors")) / 2**20
+    assert held < 0.6 * teacher_mib, (held, teacher_mib)  # each worker holds about half of the partitioned teacher
+    steps = _steps(run_root)
+    first, last = [steps[s] for s in sorted(steps)[:5]], [steps[s] for s in sorted(steps)[-5:]]
+    for term in ("offline", "online_kd", "hidden", "attention"):  # measured: 0.61, 0.71, 0.61 and 0.93 of the start
+        before, after = np.mean([r[term] for r in first]), np.mean([r[term] for r in last])
+        assert after < 0.97 * before, (term, before, after)
+    student = run_root / "student"
+    model = load_student(run_root, "full")  # the projections are not among its weights
+    from safetensors import safe_open
+
+    with safe_open(str(student / "model" / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if "projection" in k]
+    projections, pairs = load_projections(student)
+    assert pairs == [(0, 1)] and projections[0].weight.shape == (128, 64)
+    assert model.config.hidden_size == 64

@@ -27,6 +27,7 @@ from pipeline.errors import ConfigError, LabelsError
 from pipeline.models.load import ensure_model, load_tokenizer_checked, pin_revision, tokenizer_fingerprint
 from pipeline.data.batches import PAIR_COLUMNS, REQUIRED_COLUMNS
 from pipeline.train.sequence_parallel import check_heads
+from pipeline.train.online import PROJECTIONS, PROJECTIONS_CONFIG
 from pipeline.train.worker import WorkerSpec, train_loop
 
 log = logging.getLogger("ray_distill.train")
@@ -68,6 +69,42 @@ def check_sequence_parallel(stage: TrainStage) -> None:
     problem = check_heads(arch.num_attention_heads, arch.num_key_value_heads, size, stage.student.name_or_path)
     if problem:
         raise ConfigError(problem)
+
+
+def check_online_teacher(stage: TrainStage) -> None:
+    """The online terms' teacher (pinned to a commit of a hub one by then): built where it is a tiny local one,
+    sharing the student's tokenizer (the terms compare the two models on the same token ids), and with the blocks loss.layer_map
+    names."""
+    if not stage.loss.online():
+        return
+    from transformers import AutoConfig
+
+    from pipeline.losses.features import layer_pairs
+
+    ensure_model(stage.teacher, "teacher")
+    student, teacher = (tokenizer_fingerprint(load_tokenizer_checked(m, role)) for m, role in
+                        ((stage.student, "student"), (stage.teacher, "teacher")))
+    if student["tokenizer_sha256"] != teacher["tokenizer_sha256"]:
+        raise ConfigError(f"loss.weights gives {', '.join(stage.loss.online())} a weight, but the teacher "
+                          f"{stage.teacher.name_or_path} tokenizes differently from the student "
+                          f"{stage.student.name_or_path}; pick a teacher of the student's tokenizer or keep the "
+                          "offline term only.")
+    depth = [AutoConfig.from_pretrained(m.name_or_path, revision=m.revision).get_text_config().num_hidden_layers
+             for m in (stage.student, stage.teacher)]
+    try:
+        layer_pairs(*depth, stage.loss.layer_map)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def check_galore(stage: TrainStage) -> None:
+    if stage.train.optimizer != "galore":
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("galore_torch") is None:  # what every worker imports
+        raise ConfigError("train.optimizer=galore needs the galore-torch package; install ray-distill with its galore "
+                          "extra (pip install -e '.[galore]').")
 
 
 def label_shards(stage: TrainStage) -> list[str]:
@@ -145,10 +182,11 @@ def pair_shards(stage: TrainStage) -> list[str]:
 # writes at the end, how it uses the machine; not what its checkpoints hold
 RESUMABLE = ("epochs", "max_steps", "checkpoint_every", "keep_checkpoints", "report_every", "report_poll_s",
              "max_failures", "merge", "max_eval_rows", "overwrite", "cpus_per_worker", "cache_shard_mb",
-             "gradient_checkpointing", "loss_chunk_tokens")
+             "gradient_checkpointing", "loss_chunk_tokens", "teacher_placement")
 RUN_CONFIG = "ray-distill-train.json"  # in paths.train_storage, beside Ray Train's run folder
 # what the stage writes into paths.student_dir (all that train.overwrite removes there)
-STUDENT_OUTPUTS = ("adapter", "model", "lineage.json", "metrics.jsonl", "eval.jsonl", "loss.png")
+STUDENT_OUTPUTS = ("adapter", "model", "lineage.json", "metrics.jsonl", "eval.jsonl", "loss.png", PROJECTIONS,
+                   PROJECTIONS_CONFIG)
 
 
 def resume_config(stage: TrainStage, manifest: Manifest) -> dict[str, Any]:
@@ -159,6 +197,8 @@ def resume_config(stage: TrainStage, manifest: Manifest) -> dict[str, Any]:
         "train": {k: v for k, v in t.items() if k not in RESUMABLE and not (k == "onpolicy_fraction" and not v)},
         "heldout_fraction": stage.heldout_fraction,
         "loss": loss_settings(stage.loss), "deepspeed": stage.deepspeed}
+    if stage.loss.online():
+        current["teacher"] = [stage.teacher.name_or_path, stage.teacher.revision]
     if stage.loss.objective != "distill":
         current["pairs"] = pairs_fingerprint(stage.paths.pairs_dir)
     elif stage.train.onpolicy_fraction > 0:
@@ -171,8 +211,10 @@ def loss_settings(loss: LossConfig) -> dict[str, Any]:
     preference objectives existed, so its checkpoints still resume)."""
     settings = asdict(loss)
     kd = ("alpha", "temperature", "divergence", "divergence_kwargs")
-    if loss.objective == "distill":
-        return {k: settings[k] for k in kd}
+    online = ("weights", "layer_map", "hidden_loss")
+    if loss.objective == "distill":  # the online terms' settings only where a term needs them (KD runs' stay as were)
+        return {k: settings[k] for k in kd + (online if loss.online() else ())}
+    settings = {k: v for k, v in settings.items() if k not in online}
     return {k: v for k, v in settings.items() if k not in kd}
 
 
@@ -231,6 +273,8 @@ def run(cfg: Any) -> dict[str, Any]:
                   "on a machine without GPUs")
     check_local_fit(stage.cluster, workers)
     stage.student = pin_revision(stage.student, "student")  # every worker loads this commit of a hub student
+    if stage.loss.online():
+        stage.teacher = pin_revision(stage.teacher, "teacher")
     manifest = read_manifest(stage.paths.labels_dir)
     current = resume_config(stage, manifest)
     start_over = check_resume(stage, current)
@@ -251,6 +295,8 @@ def run(cfg: Any) -> dict[str, Any]:
                           f"{t.micro_batch_size} on each of {t.num_workers} workers; label more rows or lower "
                           "train.micro_batch_size.")
     check_sequence_parallel(stage)
+    check_online_teacher(stage)
+    check_galore(stage)
     # a sequence-parallel group works through every member's micro-batches in turn
     micro_per_epoch = math.ceil(per_worker / t.micro_batch_size) * t.sequence_parallel_size
     steps = t.epochs * micro_per_epoch // t.gradient_accumulation_steps
@@ -269,7 +315,10 @@ def run(cfg: Any) -> dict[str, Any]:
         k=manifest.k, loss=asdict(stage.loss), deepspeed=stage.deepspeed, student_dir=stage.paths.student_dir,
         run_name=Path(stage.paths.run_root).name, model_name=_under(stage.paths.student_dir, stage.paths.run_root),
         merge=t.merge, seed=t.seed, sequence_parallel_size=t.sequence_parallel_size, cache_shard_mb=t.cache_shard_mb,
-        shuffle=t.shuffle,
+        shuffle=t.shuffle, attn_implementation=stage.student.attn_implementation, optimizer=t.optimizer,
+        galore=asdict(t.galore), teacher_placement=t.teacher_placement,
+        **({"teacher": stage.teacher.name_or_path, "teacher_revision": stage.teacher.revision,
+            "teacher_attn_implementation": stage.teacher.attn_implementation} if stage.loss.online() else {}),
         eval_rows=heldout_rows(shards, fraction, t.max_eval_rows),
         onpolicy_eval_rows=heldout_rows(sources[-1][0], fraction, t.max_eval_rows) if not preference
         and t.onpolicy_fraction else None,

@@ -57,6 +57,14 @@ class WorkerSpec:
     # on-policy rounds: the held-out prompts' samples of the student that sampled them, labeled by the teacher
     onpolicy_eval_rows: dict[str, list] | None = None
     lineage: dict[str, Any] = field(default_factory=dict)
+    attn_implementation: str = "sdpa"
+    optimizer: str = "adamw"
+    galore: dict[str, Any] = field(default_factory=dict)
+    # the online teacher (loss.weights online_kd, hidden or attention): its directory or hub id and revision
+    teacher: str | None = None
+    teacher_revision: str | None = None
+    teacher_attn_implementation: str = "sdpa"
+    teacher_placement: str = "device"
 
 
 # train.lr_schedule -> the transformers schedule (each warms up linearly over train.warmup_steps first)
@@ -94,9 +102,10 @@ def build_student(spec: WorkerSpec):
     storage.fetched(spec.student)  # a base model in a URI run root (a tiny one built there), on this node
     # loaded in the precision it trains in (DeepSpeed keeps fp32 master weights for bf16/fp16 in its optimizer)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[spec.precision]
-    # sdpa: the attention Ulysses sequence parallelism wraps (and the fast one on CPU and GPU alike)
+    # sdpa (the default): the attention Ulysses sequence parallelism wraps, and the fast one on CPU and GPU alike;
+    # the attention term needs maps from its mapped layers (sdpa elsewhere)
     model = AutoModelForCausalLM.from_pretrained(spec.student, revision=spec.revision, dtype=dtype,
-                                                 attn_implementation="sdpa")
+                                                 attn_implementation=attention_of(spec, spec.attn_implementation))
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
@@ -107,6 +116,51 @@ def build_student(spec: WorkerSpec):
             r=spec.lora["r"], lora_alpha=spec.lora["alpha"], lora_dropout=spec.lora["dropout"],
             target_modules=list(spec.lora["target_modules"]), task_type="CAUSAL_LM"))
     return model
+
+
+def attention_of(spec: WorkerSpec, configured: str) -> str:
+    """The attention implementation a model of this run loads with: its configured one, or, with the attention
+    term, the one that keeps maps on the mapped layers."""
+    if (spec.loss.get("weights") or {}).get("attention", 0) > 0:
+        from pipeline.train.online import MAPS_ATTENTION, register_maps_attention
+
+        register_maps_attention()
+        return MAPS_ATTENTION
+    return configured
+
+
+def build_optimizer(model, spec: WorkerSpec):
+    """AdamW over the trainable parameters, or GaLore's AdamW with the decoder's linear weights in a projected group
+    (the GaLore paper's choice: attention and MLP matrices; embeddings, norms, the LM head and the feature
+    projections keep full Adam moments)."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if spec.optimizer != "galore":
+        return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    from galore_torch import GaLoreAdamW
+
+    blocks = model.get_decoder().layers
+    projected = {id(m.weight) for m in blocks.modules() if isinstance(m, torch.nn.Linear) and m.weight.requires_grad}
+    groups = [{"params": [p for p in params if id(p) not in projected]},
+              {"params": [p for p in params if id(p) in projected], "rank": spec.galore["rank"],
+               "update_proj_gap": spec.galore["update_proj_gap"], "scale": spec.galore["scale"], "proj_type": "std"}]
+    return GaLoreAdamW(groups, lr=spec.lr, weight_decay=spec.weight_decay, no_deprecation_warning=True)
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes of an optimizer's state: every tensor it keeps per parameter, GaLore's projection matrices included."""
+    import torch
+
+    total = 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            tensors = [value] if torch.is_tensor(value) else [getattr(value, "ortho_matrix", None)]
+            for t in tensors:
+                for part in (t if isinstance(t, (list, tuple)) else [t]):
+                    if torch.is_tensor(part):
+                        total += part.numel() * part.element_size()
+    return total
 
 
 def skip_shm_comm_build() -> None:
@@ -150,8 +204,8 @@ def train_loop(config: dict[str, Any]) -> None:
         if objective != "distill" and spec.method == "full" else None
     if frozen is not None and spec.use_gpu:
         frozen.to(torch.device("cuda", torch.cuda.current_device()))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    online = OnlineTeacher(model, spec, rank) if spec.teacher else None
+    optimizer = build_optimizer(model, spec)
     scheduler = get_scheduler(SCHEDULES[spec.lr_schedule], optimizer, num_warmup_steps=spec.warmup_steps,
                               num_training_steps=spec.total_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=mpu,
@@ -212,6 +266,8 @@ def train_loop(config: dict[str, Any]) -> None:
                                              spec.loss_chunk_tokens, chunks, partitioned=zero3)
                 else:
                     losses = configured_loss(logits, batch, spec.loss)
+                if online is not None:
+                    losses = online.add_terms(losses, batch, None if hidden else logits)
             engine.backward(losses["loss"] * (weight * sp_size))
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
@@ -254,7 +310,61 @@ def train_loop(config: dict[str, Any]) -> None:
             if last:
                 break
     heldout()
-    _save_student(engine, spec, rank)
+    _save_student(engine, spec, rank, online.pairs if online else None)
+
+
+class OnlineTeacher:
+    """The teacher alive in the worker for the online terms (`pipeline.losses.features`), and the student's side of
+    them: the taps on both models, the layer pairs and the student's projections (a submodule of the student while it
+    trains, so DeepSpeed optimizes and checkpoints them; saved beside it at the end)."""
+
+    def __init__(self, model, spec: WorkerSpec, rank: int):
+        import torch
+
+        from pipeline.losses.features import layer_pairs
+        from pipeline.train.online import Taps, build_projections, load_teacher, widths
+
+        self.weights = {k: v for k, v in spec.loss["weights"].items() if v > 0}
+        self.loss = spec.loss
+        device = torch.device("cuda", torch.cuda.current_device()) if spec.use_gpu else torch.device("cpu")
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[spec.precision]
+        ds = {"train_micro_batch_size_per_gpu": spec.micro_batch_size, "bf16": {"enabled": spec.precision == "bf16"},
+              "fp16": {"enabled": spec.precision == "fp16"}, "steps_per_print": 1 << 30}
+        self.forward, module, held = load_teacher(spec.teacher, spec.teacher_revision, dtype, spec.teacher_placement,
+                                                  attention_of(spec, spec.teacher_attn_implementation), device, ds)
+        (s_layers, s_width, _), (t_layers, t_width, _) = widths(model), widths(module)
+        self.pairs = layer_pairs(s_layers, t_layers, spec.loss.get("layer_map"))
+        hidden = "hidden" in self.weights
+        maps = "attention" in self.weights
+        self.projections = build_projections(self.pairs, s_width, t_width) if hidden else None
+        if self.projections is not None and any(True for _ in self.projections.parameters()):
+            model.add_module(PROJECTIONS_MODULE, self.projections)
+        mine, theirs = [s for s, _ in self.pairs], [t for _, t in self.pairs]
+        self.student = Taps(model, mine if hidden else [], mine if maps else [])
+        self.teacher = Taps(module, theirs if hidden else [], theirs if maps else [])
+        if rank == 0:
+            print(f"train: online teacher {spec.teacher} ({spec.teacher_placement}): {held / 2**20:.1f} MiB of its "
+                  f"weights on this worker; terms {', '.join(self.weights)}; block pairs {self.pairs}", flush=True)
+
+    def add_terms(self, losses: dict[str, Any], batch: dict[str, Any], logits) -> dict[str, Any]:
+        """The offline loss (`losses`, from `configured_loss`) and the online terms, weighted and summed; every term
+        kept for the metrics. `logits`: the student's shifted logits ([B, S-1, V]); None under the fused LM head."""
+        import torch
+
+        from pipeline.losses.features import feature_terms
+
+        with torch.no_grad():
+            out = self.forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        teacher = self.teacher.features(out.logits[:, :-1])
+        student = self.student.features(logits)
+        terms = feature_terms(self.weights, batch["loss_mask"], batch["attention_mask"], student, teacher, self.pairs,
+                              self.projections, self.loss)
+        total = self.weights.get("offline", 0) * losses["loss"] + sum(self.weights[n] * v for n, v in terms.items())
+        return {"loss": total, **{k: v for k, v in losses.items() if k != "loss"}, "offline": losses["loss"], **terms}
+
+
+# the student's submodule holding the hidden-state projections while it trains
+PROJECTIONS_MODULE = "distill_projections"
 
 
 def preference_losses(engine, frozen, batch, loss: dict[str, Any]) -> dict[str, Any]:
@@ -496,8 +606,9 @@ def _report_with_checkpoint(engine, metrics: dict[str, Any]) -> None:
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
 
 
-def _save_student(engine, spec: WorkerSpec, rank: int) -> None:
-    """The student as an HF directory: the adapter (LoRA) or full weights, merged weights on request."""
+def _save_student(engine, spec: WorkerSpec, rank: int, pairs: list[tuple[int, int]] | None = None) -> None:
+    """The student as an HF directory: the adapter (LoRA) or full weights, merged weights on request; the hidden-state
+    projections of the block `pairs` beside them."""
     import deepspeed
 
     module = engine.module
@@ -508,6 +619,11 @@ def _save_student(engine, spec: WorkerSpec, rank: int) -> None:
         if rank != 0:
             return
         out = Path(spec.student_dir)
+        projections = module._modules.pop(PROJECTIONS_MODULE, None)  # saved beside the student, not in its weights
+        if projections is not None:
+            from pipeline.train.online import save_projections
+
+            save_projections(projections, pairs, out)
         module.save_pretrained(out / ("adapter" if spec.method == "lora" else "model"))
         if spec.method == "lora" and spec.merge:
             import copy
