@@ -100,7 +100,8 @@ def _baseline(plain):
     root = Path(plain["paths"]["run_root"])
     source = _teacher_data(plain) if plain["run"]["teacher_sft"]["enabled"] else plain
     return _sub(plain, **{**_sft_only(plain), "paths.labels_dir": source["paths"]["labels_dir"],
-                          "paths.student_dir": str(root / "baseline"), "paths.train_storage": str(root / "baseline_train")})
+                          "paths.student_dir": str(root / "baseline"),
+                          "paths.train_storage": str(root / "baseline_train")})
 
 
 def _round_dir(plain, r: int) -> Path:
@@ -222,9 +223,27 @@ def fingerprints(plain: dict[str, Any], chain: list[Stage]) -> dict[str, str]:
         # train fingerprint is what it was before the key existed (label.overwrite stays in, as it always was)
         if isinstance(own.get("train"), dict):
             own["train"] = {k: v for k, v in own["train"].items() if k != "overwrite"}
+        _leave_out_new_defaults(own, stage.entry)
         upstream = [out[d] for d in stage.deps if d in out]
         out[stage.name] = hashlib.sha256(json.dumps([own, upstream], sort_keys=True, default=str).encode()).hexdigest()
     return out
+
+
+# keys added after run roots existed, at the value every run had before them: left out of a fingerprint while they hold
+# it, so a run root made earlier is still seen done (`attn_implementation` only matters where a model trains)
+_NEW_DEFAULTS = {"teacher": {"attn_implementation": "sdpa"}, "student": {"attn_implementation": "sdpa"},
+                 "train": {"optimizer": "adamw", "teacher_placement": "device"}}
+
+
+def _leave_out_new_defaults(own: dict[str, Any], entry: str) -> None:
+    for group, defaults in _NEW_DEFAULTS.items():
+        settings = own.get(group)
+        if not isinstance(settings, dict):
+            continue
+        own[group] = {k: v for k, v in settings.items() if not (k in defaults and (
+            v == defaults[k] or (k == "attn_implementation" and entry != "train")))}
+        if group == "train" and own[group].get("optimizer", "adamw") == "adamw":
+            own[group].pop("galore", None)  # GaLore's settings matter to GaLore only
 
 
 # the module whose `run` each entry is (the sample stage is the label stage with the student writing the responses)

@@ -407,6 +407,10 @@ class LossConfig:
         if self.layer_map is not None and any(len(pair) != 2 for pair in self.layer_map):
             raise ConfigError(f"loss.layer_map={self.layer_map} must be a list of [student block, teacher block] "
                               "pairs (0-based), or null for evenly spaced.")
+        if self.objective == "distill" and not self.online() and self.weights.get("offline", 1.0) != 1.0:
+            raise ConfigError(f"loss.weights.offline={self.weights['offline']} weighs the offline term against online "
+                              "ones, and no online term has a weight (alone it would only scale the learning rate); "
+                              "leave it at 1 or give online_kd, hidden or attention a weight.")
         if self.objective != "distill" and (self.online() or self.weights.get("offline", 1.0) != 1.0):
             raise ConfigError(f"loss.weights sums distillation terms; loss.objective={self.objective} trains on pairs "
                               "with its own loss: leave loss.weights at its default.")

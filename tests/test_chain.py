@@ -293,6 +293,49 @@ def test_run_skip_and_baseline_choose_the_stages_and_their_configs(tmp_path, mon
     assert set(chain.run(cfg).values()) == {"skipped"} and not started
 
 
+def test_settings_added_later_keep_earlier_run_roots_done_and_sft_stages_offline(tmp_path):
+    """A run root made before `attn_implementation`, `train.optimizer`, `train.galore` and `train.teacher_placement`
+    existed keeps its fingerprints while they hold the values every run had then; a changed one re-runs the stages it
+    matters to (a model's attention: its training only, never the vLLM label stage). The teacher's SFT and the
+    SFT-only baseline train on the labels alone whatever online terms the students' loss weighs."""
+    import copy
+
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF
+    from pipeline import chain
+    from pipeline.config import resolve
+
+    def plain(*overrides):
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return resolve(compose("config", overrides=["debug=tiny", f"paths.run_root={tmp_path}",
+                                                        "run.teacher_sft.enabled=true", "run.baseline=true",
+                                                        *overrides]))
+
+    def prints(p):
+        return chain.fingerprints(p, chain.stages(p))
+
+    now = plain()
+    before = copy.deepcopy(now)
+    for role in ("teacher", "student"):
+        del before[role]["attn_implementation"]
+    for key in ("optimizer", "galore", "teacher_placement"):
+        del before["train"][key]
+    assert prints(now) == prints(before)
+    eager = prints(plain("student.attn_implementation=eager"))
+    assert [s for s in eager if eager[s] != prints(now)[s]] == ["train", "baseline", "quantize", "evaluate"]
+    no_sft = "run.teacher_sft.enabled=false"  # with it, the teacher's own training (and so all after it) re-runs
+    assert prints(plain(no_sft, "teacher.attn_implementation=eager"))["label"] == prints(plain(no_sft))["label"]
+    assert prints(plain("train.optimizer=galore", "train.method=full"))["train"] != prints(now)["train"]
+    assert prints(plain("train.galore.rank=8")) == prints(now)  # GaLore's settings, with AdamW
+    online = plain("loss=kd_online")
+    derived = {s.name: s.derive(online) for s in chain.stages(online)}
+    assert derived["train"]["loss"]["weights"]["hidden"] == 1.0
+    for name in ("teacher", "baseline"):
+        assert derived[name]["loss"]["weights"] == {"offline": 1.0, "online_kd": 0.0, "hidden": 0.0, "attention": 0.0}
+        assert derived[name]["loss"]["alpha"] == 1.0
+
+
 def test_the_chain_exports_live_figures_while_it_runs(chain, chain_figures):
     """The chain's embedded Ray (`cluster.metrics_export_port`) served every stage's figures to Prometheus while the
     chain ran (pipeline/monitoring.py): the training workers' step, losses and tokens/s for each model trained, seen

@@ -144,6 +144,7 @@ def _sibling_group(lines, i):
     (["loss=kd_online", "train.loss_chunk_tokens=64"], r"^loss.weights.online_kd compares the whole vocabulary"),
     (["+loss.weights.logits=1"], r"^loss.weights has \['logits'\]; the terms are offline, online_kd, hidden, "),
     (["+loss.weights.offline=0"], r"must be at least 0 each and above 0 for one term"),
+    (["+loss.weights.offline=0.5"], r"^loss.weights.offline=0.5 weighs the offline term against online ones"),
     (["loss=kd_hidden", "loss.hidden_loss=l1"], r"^loss.hidden_loss='l1' is not one of mse, cosine"),
     (["loss=kd_hidden", "loss.layer_map=[[0]]"], r"^loss.layer_map=\[\[0\]\] must be a list of \[student block"),
     (["loss=dpo", "+loss.weights.hidden=1"], r"^loss.weights sums distillation terms; loss.objective=dpo"),

@@ -32,6 +32,8 @@ def test_layer_pairs_are_evenly_spaced_or_as_given():
     assert layer_pairs(1, 2) == [(0, 1)]
     assert layer_pairs(2, 2) == [(0, 0), (1, 1)]
     assert layer_pairs(4, 24) == [(0, 5), (1, 11), (2, 17), (3, 23)]
+    assert layer_pairs(4, 2) == [(0, 0), (1, 0), (2, 1), (3, 1)]  # a student deeper than its teacher
+    assert layer_pairs(24, 28)[:3] == [(0, 1), (1, 2), (2, 3)] and layer_pairs(24, 28)[-1] == (23, 27)
     assert layer_pairs(2, 4, [[0, 1], [1, 3]]) == [(0, 1), (1, 3)]
     with pytest.raises(ValueError, match="outside"):
         layer_pairs(1, 2, [[0, 2]])

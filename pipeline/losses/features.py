@@ -35,7 +35,9 @@ def layer_pairs(student_layers: int, teacher_layers: int,
                 raise ValueError(f"loss.layer_map pair [{s}, {t}] is outside the student's {student_layers} or the "
                                  f"teacher's {teacher_layers} blocks (0-based); map blocks that exist.")
         return pairs
-    return [(s, round((s + 1) * teacher_layers / student_layers) - 1) for s in range(student_layers)]
+    # the teacher block whose depth first reaches the student block's: ceil((s+1)·T/S) − 1, in integers (a student
+    # deeper than its teacher maps several blocks to one, never to a block before the first)
+    return [(s, -(-(s + 1) * teacher_layers // student_layers) - 1) for s in range(student_layers)]
 
 
 def full_vocab_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,

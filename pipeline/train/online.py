@@ -28,17 +28,21 @@ PLACEMENTS = ("device", "zero3", "cpu_offload")
 def register_maps_attention() -> None:
     """Register `MAPS_ATTENTION` with transformers (idempotent): eager attention, which returns its map, on the
     attention modules whose `keep_map` is set, sdpa elsewhere; both take the eager implementation's additive mask."""
+    import sys
+
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
-    from transformers.models.qwen2.modeling_qwen2 import eager_attention_forward
+    from transformers.models.qwen2 import modeling_qwen2
 
     def attention(module, query, key, value, attention_mask, **kwargs):
         if getattr(module, "keep_map", False):
-            out, weights = eager_attention_forward(module, query, key, value, attention_mask, **kwargs)
+            # the model's own eager attention (softcapping and the like included), Qwen2's where it has none
+            eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward",
+                            modeling_qwen2.eager_attention_forward)
+            out, weights = eager(module, query, key, value, attention_mask, **kwargs)
             module.kept_map = weights
             return out, weights
-        kwargs.pop("sliding_window", None)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register(MAPS_ATTENTION, attention)
@@ -76,10 +80,15 @@ class Taps:
         """What the latest forward pass kept, handed over and no longer held here (else the maps and states of the
         last step would stay in memory until the next one)."""
         out = {"logits": logits, "hidden": dict(self.hidden), "maps": self.maps}
+        self.release()
+        return out
+
+    def release(self) -> None:
+        """Let go of what the hooks kept: after the backward pass (which recomputes a checkpointed block and keeps
+        its map again) and after a forward pass whose features nobody takes (held-out scoring)."""
         self.hidden.clear()
         for i in self.mapped:
             self.blocks[i].self_attn.kept_map = None
-        return out
 
 
 def widths(model) -> tuple[int, int, int]:

@@ -148,6 +148,19 @@ def build_optimizer(model, spec: WorkerSpec):
     return GaLoreAdamW(groups, lr=spec.lr, weight_decay=spec.weight_decay, no_deprecation_warning=True)
 
 
+def projectors_to_devices(optimizer) -> None:
+    """After a resume: GaLore keeps each projection matrix in a `GaLoreProjector` object in the optimizer's state,
+    which `load_state_dict` does not move with the tensors (DeepSpeed loads checkpoints onto the CPU); each goes to
+    its parameter's device (a no-op for AdamW and on CPUs)."""
+    for param, state in optimizer.state.items():
+        projector = state.get("projector") if isinstance(state, dict) else None
+        matrix = getattr(projector, "ortho_matrix", None)
+        if isinstance(matrix, (list, tuple)):
+            projector.ortho_matrix = [m.to(param.device) for m in matrix]
+        elif matrix is not None:
+            projector.ortho_matrix = matrix.to(param.device)
+
+
 def optimizer_state_bytes(optimizer) -> int:
     """Bytes of an optimizer's state: every tensor it keeps per parameter, GaLore's projection matrices included."""
     import torch
@@ -215,6 +228,7 @@ def train_loop(config: dict[str, Any]) -> None:
     if checkpoint:
         with checkpoint.as_directory() as d:
             engine.load_checkpoint(d, tag="ds")
+        projectors_to_devices(optimizer)
         if rank == 0:
             print(f"train: resuming from the checkpoint of step {engine.global_steps}", flush=True)
     pad = getattr(model.config, "pad_token_id", None) or 0
@@ -230,7 +244,7 @@ def train_loop(config: dict[str, Any]) -> None:
         storage.pull(spec.student_dir)
     figures = Recorder("train", spec.run_name) if rank == 0 else None
     data_ranks = dist.get_world_size() // sp_size  # each sequence-parallel group counts once
-    heldout = partial(evaluate_heldout, engine, spec, mpu, data_ranks, pad, rank)
+    heldout = partial(evaluate_heldout, engine, spec, mpu, data_ranks, pad, rank, online)
     if engine.global_steps == 0:
         heldout()
     epochs = ShardEpochs(shard, spec.micro_batch_size, spec.cache_shard_mb,
@@ -269,6 +283,8 @@ def train_loop(config: dict[str, Any]) -> None:
                 if online is not None:
                     losses = online.add_terms(losses, batch, None if hidden else logits)
             engine.backward(losses["loss"] * (weight * sp_size))
+            if online is not None:
+                online.release()
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
             consumed += 1
@@ -345,6 +361,10 @@ class OnlineTeacher:
         if rank == 0:
             print(f"train: online teacher {spec.teacher} ({spec.teacher_placement}): {held / 2**20:.1f} MiB of its "
                   f"weights on this worker; terms {', '.join(self.weights)}; block pairs {self.pairs}", flush=True)
+
+    def release(self) -> None:
+        self.student.release()
+        self.teacher.release()
 
     def add_terms(self, losses: dict[str, Any], batch: dict[str, Any], logits) -> dict[str, Any]:
         """The offline loss (`losses`, from `configured_loss`) and the online terms, weighted and summed; every term
@@ -452,10 +472,12 @@ def _most_chunks(mask, chunk_tokens: int) -> int:
     return int(count.item())
 
 
-def evaluate_heldout(engine, spec: WorkerSpec, mpu, data_ranks: int, pad: int, rank: int) -> None:
+def evaluate_heldout(engine, spec: WorkerSpec, mpu, data_ranks: int, pad: int, rank: int, online=None) -> None:
     """`evaluate_rows` on the held-out labels, and in an on-policy round on the held-out prompts' samples too."""
     evaluate_rows(engine, spec, mpu, data_ranks, pad, rank, spec.eval_rows, "labels")
     evaluate_rows(engine, spec, mpu, data_ranks, pad, rank, spec.onpolicy_eval_rows, "samples")
+    if online is not None:
+        online.release()
 
 
 def evaluate_rows(engine, spec: WorkerSpec, mpu, data_ranks: int, pad: int, rank: int, eval_rows, on: str) -> None:
