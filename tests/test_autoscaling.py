@@ -27,7 +27,11 @@ from labels_check import read_dir, write_corpus
 
 TEACHER_NODES = {"teacher_node": {"resources": {"CPU": 4, "GPU": 1, "object_store_memory": 300 * 2**20},
                                   "min_workers": 0, "max_workers": 2}}
-HEAD_NODE_ID = "f" * 51 + "00000"  # the fake provider's node ids: the head's, then 00001, 00002, ...
+HEAD_NODE_ID = "f" * 51 + "00000"
+# enough rows that both actors run with LEFT or more still to label when a node is killed, few enough that the actor
+# left finishes soon; short responses, as the test is about where actors run, not how long they generate (measured
+# at 96-token responses: the second actor's first output at 67-85 s with 192 rows done; 1,100 rows took 134-172 s)
+ROWS, RESPONSE_TOKENS, LEFT = 800, 48, 200  # the fake provider's node ids: the head's, then 00001, 00002, ...
 
 
 @pytest.fixture(scope="module")
@@ -66,13 +70,10 @@ def timeline_rows(path: Path) -> list[dict]:
 def test_the_teacher_pool_grows_over_new_nodes_survives_a_lost_node_and_the_nodes_go(autoscaling_cluster,
                                                                                      hub_models, tmp_path):
     ray_bin, address, env, temp_dir, *_ = autoscaling_cluster
-    # enough rows that both actors run with 240 or more still to label (measured: the second actor's first output at
-    # 67 s with 192 rows done, and at 85 s in a busier run), few enough that the one actor left after the kill
-    # finishes soon (1,500 rows took 166-193 s, 900 took 126 s)
-    paths, good, total = write_corpus(tmp_path / "corpus", 1100, with_response=False, seed=11)
+    paths, good, total = write_corpus(tmp_path / "corpus", ROWS, with_response=False, seed=11)
     args = ["ray_jobs/label.py", "debug=tiny", f"paths.run_root={tmp_path}", "data.build=null",
-            f"data.paths=[{','.join(str(p) for p in paths)}]", "label.mode=generate", "label.max_response_tokens=96",
-            "label.batch_size=8", "label.concurrency=[1,2]", "label.num_gpus_per_actor=1", *hub_models["overrides"]]
+            f"data.paths=[{','.join(str(p) for p in paths)}]", "label.mode=generate",
+            f"label.max_response_tokens={RESPONSE_TOKENS}", "label.batch_size=8", "label.concurrency=[1,2]", "label.num_gpus_per_actor=1", *hub_models["overrides"]]
     out = tmp_path / "submit.log"
     with out.open("w") as log:
         job = subprocess.Popen([ray_bin, "job", "submit", f"--address={address}", "--working-dir", f"local://{REPO}",
@@ -85,7 +86,7 @@ def test_the_teacher_pool_grows_over_new_nodes_survives_a_lost_node_and_the_node
             assert time.monotonic() < deadline, "the job did not finish within 10 minutes"
             rows = timeline_rows(timeline)
             # both actors up, with 30 batches or more still to label
-            if killed is None and rows and rows[-1]["actors"] == 2 and 0 < rows[-1]["rows_done"] <= total - 240:
+            if killed is None and rows and rows[-1]["actors"] == 2 and 0 < rows[-1]["rows_done"] <= total - LEFT:
                 workers = [n for n in alive_nodes(autoscaling_cluster) if n != HEAD_NODE_ID]
                 raylet_of(workers[0], temp_dir).send_signal(signal.SIGKILL)
                 killed = (workers[0], rows[-1]["seconds"])

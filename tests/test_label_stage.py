@@ -25,17 +25,27 @@ def label(root: Path, paths: list[Path], *extra: str, check: bool = True):
                    f"data.paths=[{','.join(str(p) for p in paths)}]", *extra, check=check)
 
 
-@pytest.fixture(scope="module", params=["generate", "score"])
+@pytest.fixture(scope="module", params=["generate"])
 def labeled_run(request, tmp_path_factory):
     """The generate run is the one submitted as a Ray job to a real head (conftest's `submitted_label_run`, its
-    teacher from the offline hub cache); the score run is started here, as a user runs it on a laptop."""
-    if request.param == "generate":
-        return request.getfixturevalue("submitted_label_run")
-    root = tmp_path_factory.mktemp(f"label-{request.param}")
+    teacher from the offline hub cache). Score mode has no run of its own here: its two parts are tested where they
+    already run, the corpus's responses tokenized and ended as a score run takes them by the reference-mode run below
+    (`tokenize_row` serves both), and vLLM's scoring of given token ids, checked against transformers, by the sample
+    stage's teacher (tests/test_preference.py), which is the label stage in score mode."""
+    return request.getfixturevalue("submitted_label_run")
+
+
+# a GPU per teacher actor on a machine without one: reference mode runs no teacher, so that is no reason to refuse it
+REFERENCE = ("label.mode=reference", "label.num_gpus_per_actor=1")
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """label.mode=reference on a laptop's embedded Ray (no engine), on a corpus with one bad line of each kind."""
+    root = tmp_path_factory.mktemp("label-reference")
     paths, good, total = write_corpus(root / "corpus", 16, with_response=True)
-    proc = label(root, paths, f"label.mode={request.param}")
-    return {"mode": request.param, "root": root, "paths": paths, "good": good, "total": total, "proc": proc,
-            "teacher": root / "models" / "tiny-teacher"}
+    proc = label(root, paths, *REFERENCE)
+    return {"root": root, "paths": paths, "good": good, "total": total, "proc": proc}
 
 
 def test_every_row_is_labeled_or_rejected_with_a_reason(labeled_run):
@@ -61,8 +71,6 @@ def test_every_row_is_labeled_or_rejected_with_a_reason(labeled_run):
     assert manifest["summary"]["rows_read"] == labeled_run["total"]
     run = manifest["summary"]["this_run"]  # the last run's steady rate, from its teacher actor's engine calls
     assert run["engine_actors"] <= 1 and run["steady_tokens"] <= run["tokens"], run
-    if labeled_run["mode"] == "score":  # a whole run: 16 good rows in batches of 8, so more than one call
-        assert run["engine_actors"] == 1 and run["steady_tokens_per_s"] > 0 and 0 < run["engine_busy"] <= 1, run
     assert "rows read" in labeled_run["proc"].stdout and "bytes per scored token" in labeled_run["proc"].stdout
 
 
@@ -76,30 +84,16 @@ def test_stored_top_k_matches_transformers(labeled_run):
     assert stats["max_token_logprob_err"] < 0.02, stats
 
 
-def test_score_mode_scores_the_given_response(labeled_run):
-    if labeled_run["mode"] != "score":
-        pytest.skip("score mode only")
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(labeled_run["root"] / "models" / "tiny-teacher")
-    rows = {r["id"]: r for r in make_rows(16, seed=0, with_response=True)}
-    for row in read_dir(labeled_run["root"] / "labels").to_pylist():
-        if row["id"] in rows:
-            expected = tok(rows[row["id"]]["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-            assert row["response_ids"] == expected
-
-
-def test_reference_mode_labels_the_references_one_hot_without_an_engine(tmp_path):
+def test_reference_mode_labels_the_references_one_hot_without_an_engine(reference_run):
     """label.mode=reference (the demo teacher's SFT data): the same quarantine, no vLLM engine, and every
-    stored distribution puts (all but 2e-6 of) its mass on the reference token."""
+    stored distribution puts (all but 2e-6 of) its mass on the reference token. Its responses are tokenized and
+    ended as score mode's are (`tokenize_row`)."""
     import numpy as np
     from transformers import AutoTokenizer
 
     from pipeline.data.schema import decode_topk
 
-    paths, good, total = write_corpus(tmp_path / "corpus", 16, with_response=True)
-    # a GPU per teacher actor on a machine without one: reference mode runs no teacher, so that is no reason to refuse
-    label(tmp_path, paths, "label.mode=reference", "label.num_gpus_per_actor=1")
+    tmp_path, good, total = reference_run["root"], reference_run["good"], reference_run["total"]
     log = (tmp_path / "logs" / "label.log").read_text()  # every line the run printed, the terminal's and Ray's
     assert "labels in" in log and "LLM engine" not in log
     labels, rejected = read_dir(tmp_path / "labels"), read_dir(tmp_path / "rejected")
@@ -123,26 +117,21 @@ def test_reference_mode_labels_the_references_one_hot_without_an_engine(tmp_path
     assert (tmp_path / "labels" / "timeline.png").exists()
 
 
-def test_changed_config_on_existing_labels_is_refused(labeled_run):
-    if labeled_run["mode"] != "score":
-        pytest.skip("one mode is enough: the check is the same (the generate run's root is on the Ray head)")
-    proc = label(labeled_run["root"], labeled_run["paths"], f"label.mode={labeled_run['mode']}", "label.k=10",
-                 check=False)
+def test_changed_config_on_existing_labels_is_refused(reference_run):
+    proc = label(reference_run["root"], reference_run["paths"], *REFERENCE, "label.k=10", check=False)
     assert proc.returncode == 2
     assert "different config (changed: k)" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_labels_of_another_corpus_are_refused(labeled_run, tmp_path):
+def test_labels_of_another_corpus_are_refused(reference_run, tmp_path):
     """The same settings and file names with other rows: the manifest records the corpus's content, so the run root
     refuses it (it used to label the new rows beside the old labels) and nothing is added."""
-    if labeled_run["mode"] != "score":
-        pytest.skip("one mode is enough: the check is the same (the generate run's root is on the Ray head)")
-    before = read_dir(labeled_run["root"] / "labels").num_rows
-    other, _, _ = write_corpus(tmp_path / "corpus", 16, with_response=labeled_run["mode"] == "score", seed=7)
-    proc = label(labeled_run["root"], other, f"label.mode={labeled_run['mode']}", check=False)
+    before = read_dir(reference_run["root"] / "labels").num_rows
+    other, _, _ = write_corpus(tmp_path / "corpus", 16, with_response=True, seed=7)
+    proc = label(reference_run["root"], other, *REFERENCE, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "different config (changed: corpus (the input files' contents))" in proc.stderr
-    assert read_dir(labeled_run["root"] / "labels").num_rows == before
+    assert read_dir(reference_run["root"] / "labels").num_rows == before
 
 
 def test_k_beyond_engine_limit_fails_before_any_work(tmp_path):
@@ -172,8 +161,6 @@ def test_a_teacher_pool_the_local_ray_cannot_hold_is_refused(tmp_path):
 def test_killed_run_resumes_to_exactly_once(labeled_run):
     """The generate run was SIGKILLed as a whole (driver, Ray, vLLM) once shards appeared, and the same command,
     submitted as a Ray job, finished the rest (conftest's `submitted_label_run`): every good row exactly once."""
-    if labeled_run["mode"] != "generate":
-        pytest.skip("the generate run is the one killed and resumed")
     assert 0 < labeled_run["partial"] < len(labeled_run["good"])
     assert "finished by an earlier run" in labeled_run["proc"].stdout
     root = labeled_run["root"]

@@ -73,8 +73,8 @@ def check_sequence_parallel(stage: TrainStage) -> None:
 
 def check_online_teacher(stage: TrainStage) -> None:
     """The online terms' teacher (pinned to a commit of a hub one by then): built where it is a tiny local one,
-    sharing the student's tokenizer (the terms compare the two models on the same token ids), and with the blocks loss.layer_map
-    names."""
+    sharing the student's tokenizer (the terms compare the two models on the same token ids), and with the blocks
+    loss.layer_map names."""
     if not stage.loss.online():
         return
     from transformers import AutoConfig
@@ -194,7 +194,8 @@ def resume_config(stage: TrainStage, manifest: Manifest) -> dict[str, Any]:
     t = asdict(stage.train)
     current = {
         "labels": manifest.fingerprint(), "student": [stage.student.name_or_path, stage.student.revision],
-        "train": {k: v for k, v in t.items() if k not in RESUMABLE and not (k == "onpolicy_fraction" and not v)},
+        "train": {k: v for k, v in t.items() if k not in RESUMABLE and not (k == "onpolicy_fraction" and not v)
+                  and not (k == "galore" and stage.train.optimizer != "galore")},
         "heldout_fraction": stage.heldout_fraction,
         "loss": loss_settings(stage.loss), "deepspeed": stage.deepspeed}
     if stage.loss.online():
@@ -263,7 +264,7 @@ def run(cfg: Any) -> dict[str, Any]:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.runtime import Ask, check_local_fit, init_ray, interruptible
+    from pipeline.runtime import Ask, check_local_fit, init_ray, interruptible, is_embedded
 
     stage = train_stage(cfg)
     t = stage.train
@@ -345,6 +346,8 @@ def run(cfg: Any) -> dict[str, Any]:
     # at Ray's default 2 s, a small model idles on every report, and a checkpoint reported just before a crash is
     # never registered, so the replacement group restarts from an older one. Read by fit(), passed to the controller.
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(t.report_poll_s)
+    if is_embedded(stage.cluster):  # Ray never drains this machine's own nodes: no preemption watcher (a process)
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     trainer = TorchTrainer(
         train_loop, train_loop_config=asdict(spec),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
