@@ -474,7 +474,7 @@ def test_broken_copy_fails_the_check(case):
 
 
 @pytest.mark.parametrize("edit,expected", [
-    (lambda t: t.replace('"/app[gpu,quant]"', '"/app[cpu]"'), "GPU extras"),
+    (lambda t: t.replace('"/app[gpu,quant,galore]"', '"/app[cpu]"'), "GPU extras"),
     (lambda t: t.replace("rayproject/ray:2.60.0-py311-gpu", "rayproject/ray:2.59.0-py311-gpu"), "base is not"),
     (lambda t: t.replace("COPY --chown=ray:users ray_jobs ./ray_jobs", ""), "ray_jobs/ is not copied"),
 ], ids=["dockerfile-cpu-extras", "dockerfile-other-ray", "dockerfile-no-entrypoints"])
