@@ -28,10 +28,10 @@ from labels_check import read_dir, write_corpus
 TEACHER_NODES = {"teacher_node": {"resources": {"CPU": 4, "GPU": 1, "object_store_memory": 300 * 2**20},
                                   "min_workers": 0, "max_workers": 2}}
 HEAD_NODE_ID = "f" * 51 + "00000"
-# enough rows that both actors run with LEFT or more still to label when a node is killed, few enough that the actor
-# left finishes soon; short responses, as the test is about where actors run, not how long they generate (measured
-# at 96-token responses: the second actor's first output at 67-85 s with 192 rows done; 1,100 rows took 134-172 s)
-ROWS, RESPONSE_TOKENS, LEFT = 800, 48, 200  # the fake provider's node ids: the head's, then 00001, 00002, ...
+# enough rows that both actors run with LEFT or more still to label when a node is killed (measured: the second
+# actor's first output at 67-85 s with 192 rows done), few enough that the actor left finishes soon (1,100 rows took
+# 134-172 s). 800 rows of 48 tokens took 97 s but failed once: the second actor came up with too few rows left
+ROWS, RESPONSE_TOKENS, LEFT = 1100, 96, 240  # the fake provider's node ids: the head's, then 00001, 00002, ...
 
 
 @pytest.fixture(scope="module")
