@@ -161,12 +161,16 @@ def projectors_to_devices(optimizer) -> None:
             projector.ortho_matrix = matrix.to(param.device)
 
 
-def optimizer_state_bytes(optimizer) -> int:
-    """Bytes of an optimizer's state: every tensor it keeps per parameter, GaLore's projection matrices included."""
+def optimizer_state_bytes(optimizer, params=None) -> int:
+    """Bytes of an optimizer's state: every tensor it keeps per parameter, GaLore's projection matrices included
+    (`params`: of these parameters only)."""
     import torch
 
+    keep = None if params is None else {id(p) for p in params}
     total = 0
-    for state in optimizer.state.values():
+    for param, state in optimizer.state.items():
+        if keep is not None and id(param) not in keep:
+            continue
         for value in state.values():
             tensors = [value] if torch.is_tensor(value) else [getattr(value, "ortho_matrix", None)]
             for t in tensors:
