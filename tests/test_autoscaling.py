@@ -29,9 +29,10 @@ TEACHER_NODES = {"teacher_node": {"resources": {"CPU": 4, "GPU": 1, "object_stor
                                   "min_workers": 0, "max_workers": 2}}
 HEAD_NODE_ID = "f" * 51 + "00000"
 # enough rows that both actors run with LEFT or more still to label when a node is killed (measured: the second
-# actor's first output at 67-85 s with 192 rows done), few enough that the actor left finishes soon (1,100 rows took
-# 134-172 s). 800 rows of 48 tokens took 97 s but failed once: the second actor came up with too few rows left
-ROWS, RESPONSE_TOKENS, LEFT = 1100, 96, 240  # the fake provider's node ids: the head's, then 00001, 00002, ...
+# actor's first output at 67-85 s with 192 rows done, so 900 rows leave room for 3.4 times that), few enough that the
+# actor left finishes soon (1,100 rows took 134-180 s). 800 rows of 48 tokens took 97 s but failed once: the second
+# actor came up with too few rows left (half the tokens a row: twice the rows done by then)
+ROWS, RESPONSE_TOKENS, LEFT = 900, 96, 240  # the fake provider's node ids: the head's, then 00001, 00002, ...
 
 
 @pytest.fixture(scope="module")

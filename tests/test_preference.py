@@ -4,7 +4,8 @@ sample stage) samples the corpus's prompts twice each through vLLM and the chain
 (vLLM score mode); pairs are built against the chain's labels. Then three trainings run, 2 Ray Train workers each:
 DPO on the pairs (LoRA under ZeRO-3 with CPU offload: the reference is the base with the adapter switched off), KTO
 on the pairs (full fine-tuning under ZeRO-2: the reference is a frozen copy), and one on-policy round (the merged KD
-student trained on its own scored samples mixed with the labels, generalized JSD). DPO and KTO start from a policy
+student trained on its own scored samples mixed with the labels, generalized JSD: LoRA under ZeRO-1 with gradient
+accumulation over 2 micro-batches and gradient checkpointing, its adapter also written merged). DPO and KTO start from a policy
 equal to its reference, so their first loss is the objective's value at zero reward (DPO log 2, KTO 0.5) exactly,
 and must fall from there. The chain's rounds (`run.onpolicy.rounds`) chain the same two stages; tests/test_chain.py
 checks what they are given."""
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -24,7 +26,10 @@ from pipeline.data.schema import SAMPLE_SCHEMA, decode_topk
 TRAININGS = {
     "dpo": ["loss=dpo", "deepspeed=zero3_offload", "train.lr=1e-2", "train.max_steps=6"],
     "kto": ["loss=kto", "train.method=full", "deepspeed=zero2", "train.lr=1e-3", "train.max_steps=6"],
-    "onpolicy": ["loss=jsd", "train.onpolicy_fraction=0.5", "deepspeed=zero2", "train.lr=1e-2", "train.epochs=1"],
+    # also the paths no other run takes: ZeRO-1, gradient accumulation over 2 micro-batches (2 epochs: the optimizer
+    # steps of one epoch without it), gradient checkpointing, and the LoRA adapter also written merged into its base
+    "onpolicy": ["loss=jsd", "train.onpolicy_fraction=0.5", "deepspeed=zero1", "train.lr=1e-2", "train.epochs=2",
+                 "train.gradient_accumulation_steps=2", "train.gradient_checkpointing=true", "train.merge=true"],
 }
 
 
@@ -106,6 +111,26 @@ def test_an_on_policy_round_trains_the_kd_student_on_its_own_samples_and_lowers_
     lineage = json.loads((root / "student_onpolicy" / "lineage.json").read_text())
     assert lineage["train"]["onpolicy_fraction"] == 0.5 and lineage["loss"]["divergence"] == "jsd"
     assert lineage["student_base"].endswith("/samples/student")
+    assert lineage["deepspeed"]["zero_optimization"]["stage"] == 1 and lineage["train"]["method"] == "lora"
+    assert lineage["train"]["merge"] is True
+    assert lineage["train"]["gradient_accumulation_steps"] == 2 and lineage["train"]["gradient_checkpointing"] is True
+    # each optimizer step is 2 micro-batches a worker: 2 epochs take the steps of one without accumulation (2 workers,
+    # micro-batches of 4), and every step is logged
+    steps, rows = map(int, re.search(r"train: (\d+) steps on (\d+) rows", trained["onpolicy"].stdout).groups())
+    assert steps == math.ceil(rows // 2 / 4), trained["onpolicy"].stdout[-2000:]
+    logged = [json.loads(x)["step"] for x in (root / "student_onpolicy" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, steps + 1))
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(root / "samples" / "student", dtype=torch.float32).eval()
+    probe = torch.tensor([[1, 20, 30, 40]])
+    with torch.no_grad():  # train.merge: the merged model is the adapter applied to its base, and it moved from it
+        merged = AutoModelForCausalLM.from_pretrained(root / "student_onpolicy" / "model", dtype=torch.float32).eval()
+        merged_logits, base_logits = merged(probe).logits, base(probe).logits
+        adapted = PeftModel.from_pretrained(base, root / "student_onpolicy" / "adapter").eval()(probe).logits
+    assert torch.allclose(merged_logits, adapted, atol=1e-4) and not torch.allclose(merged_logits, base_logits)
 
 
 def test_pairs_put_the_teachers_response_against_the_student_sample_it_scores_lowest(preference):

@@ -194,36 +194,15 @@ def test_a_killed_worker_group_is_replaced_and_resumes_from_the_checkpoint(kille
     assert (run_root / "student" / "loss.png").stat().st_size > 0
 
 
-def test_a_changed_run_is_refused_or_starts_over(killed_run):
+def test_a_changed_run_is_refused(killed_run):
+    """Another ZeRO stage on those checkpoints is refused before any work, naming what changed (DeepSpeed would fail on
+    them); train.overwrite=true starting over on them is the online run's (below)."""
     run_root = killed_run[0]
     lines = len((run_root / "student" / "metrics.jsonl").read_text().splitlines())
-    assert len((run_root / "student" / "metrics.jsonl").read_text().splitlines()) == lines
-
-    # another ZeRO stage on those checkpoints is refused before any work, naming what changed (DeepSpeed would
-    # fail on them); train.overwrite=true starts over, and changing only max_steps does not count as a change
     proc = run_job("train.py", *RUN, f"paths.run_root={run_root}", "deepspeed=zero3", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "holds checkpoints of a run with a different config (changed: deepspeed)" in proc.stderr
     assert len((run_root / "student" / "metrics.jsonl").read_text().splitlines()) == lines
-    # — here with the paths no other test runs: ZeRO-1, gradient accumulation over 2 micro-batches, gradient
-    # checkpointing, a capped transfer set (16 of the 68 training rows, the same 16 whatever the order), and a LoRA
-    # student whose adapter is also written merged into its base (train.merge)
-    proc = run_job("train.py", *RUN[:-1], f"paths.run_root={run_root}", "deepspeed=zero1", "train.overwrite=true",
-                   "train.method=lora", "train.merge=true", "train.max_steps=2", "train.max_rows=16",
-                   "train.gradient_accumulation_steps=2", "train.gradient_checkpointing=true")
-    assert sorted(_steps(run_root)) == [1, 2]  # optimizer steps, each over 2 micro-batches per worker
-    assert "train: 2 steps on 16 labeled rows" in proc.stdout
-    lineage = json.loads((run_root / "student" / "lineage.json").read_text())
-    assert (lineage["train"]["max_rows"], lineage["train"]["gradient_accumulation_steps"]) == (16, 2)
-    assert lineage["train"]["gradient_checkpointing"] is True
-    assert lineage["deepspeed"]["zero_optimization"]["stage"] == 1 and lineage["train"]["merge"] is True
-    import torch
-
-    probe = torch.tensor([[1, 20, 30, 40]])
-    with torch.no_grad():  # the merged model is the adapter applied to its base, and it moved from the base
-        merged, adapted = load_student(run_root, "full")(probe).logits, load_student(run_root, "lora")(probe).logits
-        assert torch.allclose(merged, adapted, atol=1e-4)
-        assert not torch.allclose(merged, load_student(run_root, "base")(probe).logits)
 
 
 def test_the_steps_display_ends_at_the_last_step_written(tmp_path, capsys):
@@ -240,29 +219,33 @@ def test_the_steps_display_ends_at_the_last_step_written(tmp_path, capsys):
     assert "train: steps: 100%" in capsys.readouterr().err
 
 
-def test_online_terms_and_galore_train_under_ray_train(labeled, tmp_path):
+def test_online_terms_and_galore_train_under_ray_train(killed_run):
     """Every online term at once (loss=kd_online: top-k KD on the labels, full-vocabulary KD, hidden states through a
     learned projection from the student's width 64 to the teacher's 128, attention maps of 2 student heads against 4
     teacher heads, averaged) with the teacher partitioned by ZeRO-3 across 2 Ray Train workers, and GaLore (rank 8 =
     width/8, its update at full scale so that 36 steps move the attention) training the full student without ZeRO
     partitioning. Each term is logged and falls; the projections are saved beside a student that transformers loads
-    without them, and reload."""
+    without them, and reload. It runs on the killed run's root (after the tests above) with train.overwrite=true:
+    those checkpoints and outputs are removed and the run starts over."""
     from pipeline.train.online import load_projections
 
-    run_root = tmp_path / "run"
-    run_root.mkdir()
-    for sub in ("labels", "models"):
-        (run_root / sub).symlink_to(labeled / sub)
+    run_root = killed_run[0]
+    old = {p.name for p in (run_root / "train" / "train").glob("checkpoint_*") if p.is_dir()}
+    assert old
     proc = run_job("train.py", "debug=tiny", f"paths.run_root={run_root}", "loss=kd_online", "train.method=full",
                    "train.optimizer=galore", "train.galore.rank=8", "train.galore.update_proj_gap=10",
-                   "train.galore.scale=1",
+                   "train.galore.scale=1", "train.overwrite=true",
                    "deepspeed=none", "train.teacher_placement=zero3", "train.epochs=4", "train.lr=2e-2",
                    "train.checkpoint_every=100")
+    assert "train: starting over (train.overwrite=true; changed: " in proc.stdout, proc.stdout[-3000:]
+    assert not old & {p.name for p in (run_root / "train" / "train").glob("checkpoint_*") if p.is_dir()}
     assert "online teacher" in proc.stdout and "(zero3)" in proc.stdout, proc.stdout[-3000:]
     held = float(proc.stdout.split("(zero3): ")[1].split(" MiB")[0])
     teacher_mib = sum(f.stat().st_size for f in (run_root / "models" / "tiny-teacher").glob("*.safetensors")) / 2**20
     assert held < 0.6 * teacher_mib, (held, teacher_mib)  # each worker holds about half of the partitioned teacher
+    lines = (run_root / "student" / "metrics.jsonl").read_text().splitlines()
     steps = _steps(run_root)
+    assert sorted(steps) == list(range(1, 4 * 9 + 1)) and len(lines) == len(steps)  # none of the killed run's left
     first, last = [steps[s] for s in sorted(steps)[:5]], [steps[s] for s in sorted(steps)[-5:]]
     for term in ("offline", "online_kd", "hidden", "attention"):  # measured: 0.61, 0.71, 0.61 and 0.93 of the start
         before, after = np.mean([r[term] for r in first]), np.mean([r[term] for r in last])
