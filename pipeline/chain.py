@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import storage
-from pipeline.config import resolve
+from pipeline.config import resolve, train_settings_in_use
 from pipeline.data.schema import write_json_atomic
 
 
@@ -222,7 +222,7 @@ def fingerprints(plain: dict[str, Any], chain: list[Stage]) -> dict[str, str]:
         # train.overwrite says what to do with another config's checkpoints, not what train makes; left out, the
         # train fingerprint is what it was before the key existed (label.overwrite stays in, as it always was)
         if isinstance(own.get("train"), dict):
-            own["train"] = {k: v for k, v in own["train"].items() if k != "overwrite"}
+            own["train"] = {k: v for k, v in train_settings_in_use(own["train"]).items() if k != "overwrite"}
         _leave_out_new_defaults(own, stage.entry)
         upstream = [out[d] for d in stage.deps if d in out]
         out[stage.name] = hashlib.sha256(json.dumps([own, upstream], sort_keys=True, default=str).encode()).hexdigest()
@@ -242,8 +242,6 @@ def _leave_out_new_defaults(own: dict[str, Any], entry: str) -> None:
             continue
         own[group] = {k: v for k, v in settings.items() if not (k in defaults and (
             v == defaults[k] or (k == "attn_implementation" and entry != "train")))}
-        if group == "train" and own[group].get("optimizer", "adamw") == "adamw":
-            own[group].pop("galore", None)  # GaLore's settings matter to GaLore only
 
 
 # the module whose `run` each entry is (the sample stage is the label stage with the student writing the responses)

@@ -282,6 +282,12 @@ OPTIMIZERS = ("adamw", "galore")
 TEACHER_PLACEMENTS = ("device", "zero3", "cpu_offload")
 
 
+def train_settings_in_use(train: dict[str, Any]) -> dict[str, Any]:
+    """A `train` group's settings, `galore` left out unless train.optimizer=galore: they change nothing else (what a
+    train stage's fingerprint and its checkpoints' resume record hold)."""
+    return {k: v for k, v in train.items() if not (k == "galore" and train.get("optimizer", "adamw") != "galore")}
+
+
 @dataclass
 class TrainConfig:
     method: str = "lora"

@@ -27,12 +27,12 @@ from labels_check import read_dir, write_corpus
 
 TEACHER_NODES = {"teacher_node": {"resources": {"CPU": 4, "GPU": 1, "object_store_memory": 300 * 2**20},
                                   "min_workers": 0, "max_workers": 2}}
-HEAD_NODE_ID = "f" * 51 + "00000"
+HEAD_NODE_ID = "f" * 51 + "00000"  # the fake provider's node ids: the head's, then 00001, 00002, ...
 # enough rows that both actors run with LEFT or more still to label when a node is killed (measured: the second
 # actor's first output at 67-85 s with 192 rows done, so 900 rows leave room for 3.4 times that), few enough that the
 # actor left finishes soon (1,100 rows took 134-180 s). 800 rows of 48 tokens took 97 s but failed once: the second
 # actor came up with too few rows left (half the tokens a row: twice the rows done by then)
-ROWS, RESPONSE_TOKENS, LEFT = 900, 96, 240  # the fake provider's node ids: the head's, then 00001, 00002, ...
+ROWS, RESPONSE_TOKENS, LEFT = 900, 96, 240
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,8 @@ def test_the_teacher_pool_grows_over_new_nodes_survives_a_lost_node_and_the_node
     paths, good, total = write_corpus(tmp_path / "corpus", ROWS, with_response=False, seed=11)
     args = ["ray_jobs/label.py", "debug=tiny", f"paths.run_root={tmp_path}", "data.build=null",
             f"data.paths=[{','.join(str(p) for p in paths)}]", "label.mode=generate",
-            f"label.max_response_tokens={RESPONSE_TOKENS}", "label.batch_size=8", "label.concurrency=[1,2]", "label.num_gpus_per_actor=1", *hub_models["overrides"]]
+            f"label.max_response_tokens={RESPONSE_TOKENS}", "label.batch_size=8", "label.concurrency=[1,2]",
+            "label.num_gpus_per_actor=1", *hub_models["overrides"]]
     out = tmp_path / "submit.log"
     with out.open("w") as log:
         job = subprocess.Popen([ray_bin, "job", "submit", f"--address={address}", "--working-dir", f"local://{REPO}",

@@ -25,14 +25,14 @@ def label(root: Path, paths: list[Path], *extra: str, check: bool = True):
                    f"data.paths=[{','.join(str(p) for p in paths)}]", *extra, check=check)
 
 
-@pytest.fixture(scope="module", params=["generate"])
-def labeled_run(request, tmp_path_factory):
+@pytest.fixture(scope="module")
+def labeled_run(submitted_label_run):
     """The generate run is the one submitted as a Ray job to a real head (conftest's `submitted_label_run`, its
     teacher from the offline hub cache). Score mode has no run of its own here: its two parts are tested where they
     already run, the corpus's responses tokenized and ended as a score run takes them by the reference-mode run below
     (`tokenize_row` serves both), and vLLM's scoring of given token ids, checked against transformers, by the sample
     stage's teacher (tests/test_preference.py), which is the label stage in score mode."""
-    return request.getfixturevalue("submitted_label_run")
+    return submitted_label_run
 
 
 # a GPU per teacher actor on a machine without one: reference mode runs no teacher, so that is no reason to refuse it

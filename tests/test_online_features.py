@@ -154,7 +154,6 @@ def test_galore_keeps_at_least_60_percent_less_optimizer_state_on_the_linear_lay
     assert galore_all < adam_all, sizes
 
 
-
 def test_the_offloaded_teacher_gives_the_logits_of_the_whole_one(tiny_models):
     """`cpu_offload` keeps the weights in CPU memory and moves each module to the execution device for its pass
     (here the CPU itself: the GPU case needs a GPU); ZeRO-3's partitioned teacher runs in the end-to-end test."""

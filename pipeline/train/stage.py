@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.config import LossConfig, TrainStage, train_stage, training_precision
+from pipeline.config import LossConfig, TrainStage, train_settings_in_use, train_stage, training_precision
 from pipeline.data.split import is_heldout, training_ids
 from pipeline.data.schema import Manifest, pairs_fingerprint, read_manifest, validate_labels_table, write_json_atomic
 from pipeline.errors import ConfigError, LabelsError
@@ -194,8 +194,8 @@ def resume_config(stage: TrainStage, manifest: Manifest) -> dict[str, Any]:
     t = asdict(stage.train)
     current = {
         "labels": manifest.fingerprint(), "student": [stage.student.name_or_path, stage.student.revision],
-        "train": {k: v for k, v in t.items() if k not in RESUMABLE and not (k == "onpolicy_fraction" and not v)
-                  and not (k == "galore" and stage.train.optimizer != "galore")},
+        "train": {k: v for k, v in train_settings_in_use(t).items() if k not in RESUMABLE
+                  and not (k == "onpolicy_fraction" and not v)},
         "heldout_fraction": stage.heldout_fraction,
         "loss": loss_settings(stage.loss), "deepspeed": stage.deepspeed}
     if stage.loss.online():
