@@ -1,9 +1,11 @@
 """The evaluate stage: teacher vs student vs quantized student (vs an SFT-only baseline) on held-out rows.
 
-Each model generates greedily through the label stage's Ray Data plan (CPU prepare tasks → an actor pool of
-vLLM engines), so evaluation scales like labeling: task accuracy, latency per request, engine throughput.
-The teacher's responses (with its top-k) then become the reference for the teacher-forced metrics, which
-HF-model actors compute for every other model: top-1 agreement, KL to the teacher, perplexity.
+The models generate greedily through the label stage's Ray Data plan (CPU prepare tasks → an actor pool of
+vLLM engines), so evaluation scales like labeling: task accuracy, latency per request, engine throughput. They
+share one pool whose actors load the models one after another (`build_models_processor`), instead of a pool
+started per model. The teacher's responses (with its top-k) then become the reference for the teacher-forced
+metrics, which HF-model actors compute for every other model, again loading them in turn: top-1 agreement, KL to
+the teacher, perplexity.
 Writes metrics.json, report.md and PNG plots under `paths.eval_dir`.
 
 A model whose weights, engine settings, held-out rows and evaluate settings (and, for the others, the
@@ -97,34 +99,40 @@ def models_to_evaluate(stage: EvaluateStage) -> dict[str, ModelConfig]:
     return models
 
 
-def generate(stage: EvaluateStage, model: ModelConfig, heldout: Path) -> pa.Table:
-    """Greedy responses with top-k logprobs for every held-out row, through Ray Data + vLLM actors (each spans
-    the model's tensor_parallel_size GPUs with evaluate.use_gpu)."""
+def generate(stage: EvaluateStage, models: dict[str, ModelConfig], heldout: Path) -> dict[str, pa.Table]:
+    """role → greedy responses with top-k logprobs for every held-out row, through Ray Data and one pool of vLLM
+    actors that load the models one after another (`build_models_processor`; each actor spans the most GPUs any
+    model's tensor_parallel_size asks for, with evaluate.use_gpu)."""
     from pipeline.evaluate.workers import TimedGenerator
     from pipeline.generation.engine import EngineSpec
     from pipeline.generation.prepare import PrepareSpec
-    from pipeline.generation.processor import ProcessorSpec, build_processor, read_corpus
+    from pipeline.generation.processor import ProcessorSpec, build_models_processor, read_corpus
     from pipeline.runtime import Ask, require_resources
 
     ev = stage.evaluate
-    gpus = model.tensor_parallel_size if ev.use_gpu else 0
+    gpus = max(model.tensor_parallel_size for model in models.values()) if ev.use_gpu else 0
     require_resources(stage.cluster, Ask("evaluate.concurrency[0]", ev.concurrency[0], "generator actor",
                                          {"CPU": ev.num_cpus_per_actor, "GPU": gpus},
                                          "lower evaluate.concurrency[0] or evaluate.num_cpus_per_actor, set "
                                          "evaluate.use_gpu=false on a machine without GPUs, or raise cluster.num_cpus"))
-    prep = PrepareSpec(tokenizer=model.name_or_path, revision=model.revision, mode="generate",
-                       max_prompt_tokens=ev.max_prompt_tokens, max_response_tokens=ev.max_response_tokens,
-                       max_model_len=model.max_model_len, setting="evaluate")
-    engine = EngineSpec(model=model.name_or_path, revision=model.revision, dtype=model.dtype,
-                        max_model_len=model.max_model_len, tensor_parallel_size=model.tensor_parallel_size,
-                        mode="generate", k=ev.k, max_response_tokens=ev.max_response_tokens, temperature=0.0,
-                        top_p=1.0, seed=None, **dataclasses.asdict(ev.engine))
-    spec = ProcessorSpec(prepare=prep, engine=engine, batch_size=ev.batch_size, concurrency=tuple(ev.concurrency),
-                         num_cpus_per_actor=ev.num_cpus_per_actor, num_gpus_per_actor=gpus, actor=TimedGenerator,
-                         actor_kwargs={"latency_requests": ev.latency_requests})
-    ds = build_processor(spec)(read_corpus([str(heldout)]))  # fresh held-out rows: no ledger, nothing to resume
+    specs = {}
+    for role, model in models.items():
+        prep = PrepareSpec(tokenizer=model.name_or_path, revision=model.revision, mode="generate",
+                           max_prompt_tokens=ev.max_prompt_tokens, max_response_tokens=ev.max_response_tokens,
+                           max_model_len=model.max_model_len, setting="evaluate")
+        engine = EngineSpec(model=model.name_or_path, revision=model.revision, dtype=model.dtype,
+                            max_model_len=model.max_model_len, tensor_parallel_size=model.tensor_parallel_size,
+                            mode="generate", k=ev.k, max_response_tokens=ev.max_response_tokens, temperature=0.0,
+                            top_p=1.0, seed=None, **dataclasses.asdict(ev.engine))
+        specs[role] = ProcessorSpec(prepare=prep, engine=engine, batch_size=ev.batch_size,
+                                    concurrency=tuple(ev.concurrency), num_cpus_per_actor=ev.num_cpus_per_actor,
+                                    num_gpus_per_actor=gpus, actor=TimedGenerator,
+                                    actor_kwargs={"latency_requests": ev.latency_requests})
+    # fresh held-out rows (nothing to resume), read as one block so that each actor loads each model once
+    ds = build_models_processor(specs)(read_corpus([str(heldout)], blocks=1))
     table = pa.concat_tables(list(ds.iter_batches(batch_size=None, batch_format="pyarrow")))
-    return table.sort_by("line")
+    return {role: table.filter(pc.equal(table["model"], role)).drop_columns(["model"]).sort_by("line")
+            for role in models}
 
 
 def generation_metrics(table: pa.Table, answers: dict[int, str], model: ModelConfig, metric: str) -> dict[str, Any]:
@@ -150,9 +158,11 @@ def generation_metrics(table: pa.Table, answers: dict[int, str], model: ModelCon
     }
 
 
-def teacher_forced(stage: EvaluateStage, model: ModelConfig, reference: pa.Table, max_seq_len: int) -> dict[str, Any]:
-    """Agreement / KL / perplexity of `model` on the teacher's responses, via HF-model actors (one GPU each with
-    evaluate.use_gpu)."""
+def teacher_forced(stage: EvaluateStage, models: dict[str, ModelConfig], reference: pa.Table,
+                   max_seq_len: int) -> dict[str, dict[str, Any]]:
+    """role → agreement / KL / perplexity of each model on the teacher's responses, via HF-model actors that load
+    the models one after another (one GPU each with evaluate.use_gpu)."""
+    import numpy as np
     import ray
 
     from pipeline.metrics import summarize
@@ -160,18 +170,21 @@ def teacher_forced(stage: EvaluateStage, model: ModelConfig, reference: pa.Table
     from pipeline.data.batches import REQUIRED_COLUMNS
 
     ev = stage.evaluate
-    ds = ray.data.from_arrow(reference.select(REQUIRED_COLUMNS))
-    ds = ds.map_batches(Scorer, fn_constructor_kwargs={"model": model.name_or_path, "revision": model.revision,
-                                                       "dtype": model.dtype, "use_gpu": ev.use_gpu, "k": ev.k,
-                                                       "max_seq_len": max_seq_len},
+    rows = reference.select(REQUIRED_COLUMNS)
+    ds = ray.data.from_arrow(pa.concat_tables([rows.append_column("model", pa.array([role] * rows.num_rows))
+                                               for role in models]))
+    ds = ds.map_batches(Scorer, fn_constructor_kwargs={"models": {role: (m.name_or_path, m.revision, m.dtype)
+                                                                  for role, m in models.items()},
+                                                       "use_gpu": ev.use_gpu, "k": ev.k, "max_seq_len": max_seq_len},
                         batch_format="numpy", batch_size=ev.scorer_batch_size,
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=ev.concurrency[1]),
                         num_cpus=ev.num_cpus_per_actor, num_gpus=1 if ev.use_gpu else 0)
-    sums = {"tokens": 0.0, "agree": 0.0, "kl": 0.0, "nll": 0.0}
+    sums = {role: {"tokens": 0.0, "agree": 0.0, "kl": 0.0, "nll": 0.0} for role in models}
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for key in sums:
-            sums[key] += float(batch[key].sum())
-    return summarize(sums)
+        for i, role in enumerate(batch["model"].tolist()):
+            for key in sums[role]:
+                sums[role][key] += float(np.asarray(batch[key])[i])
+    return {role: summarize(s) for role, s in sums.items()}
 
 
 def weights_mb(model: ModelConfig) -> float | None:
@@ -230,52 +243,64 @@ def run(cfg: Any) -> dict[str, Any]:
     answers = reference_answers(heldout)
     models = models_to_evaluate(stage)
     init_ray(stage.cluster)
-    results: dict[str, dict[str, Any]] = {}
-    reference, reference_key = None, None
     cache = Path(stage.paths.run_root) / "cache" / "evaluate"
     bar = progress(desc="evaluate: models", unit="model", total=len(models))
     figures = Recorder("evaluate", Path(stage.paths.run_root).name)
     figures.set("evaluate_models", len(models))
-    for role, model in _ticking(models.items(), bar, figures):
-        path = model.name_or_path + (f"@{model.revision[:12]}" if model.revision else "")
-        kind = "reference" if reference is None else "scored"
-        key = cache_key(kind, model, stage, heldout, reference_key)
-        hit = _cached(cache, key, kind == "reference") if stage.evaluate.reuse else None
+
+    def done(role: str, result: dict[str, Any]) -> None:
+        results[role] = result
+        bar.update(1)
+        figures.set("evaluate_models_done", len(results))
+
+    # the teacher first: its responses are the others' reference, and its key is part of theirs
+    teacher = next(iter(models))
+    keys = {teacher: cache_key("reference", models[teacher], stage, heldout, None)}
+    keys.update({role: cache_key("scored", model, stage, heldout, keys[teacher]) for role, model in models.items()
+                 if role != teacher})
+    results: dict[str, dict[str, Any]] = {}
+    reference = None
+    paths = {role: model.name_or_path + (f"@{model.revision[:12]}" if model.revision else "")
+             for role, model in models.items()}
+    for role in models:
+        hit = _cached(cache, keys[role], role == teacher) if stage.evaluate.reuse else None
         if hit:
             result, table = hit
-            print(f"evaluate: {role} ({path}) unchanged since {result['evaluated_at']}: results reused", flush=True)
-            result["reused"] = True
-            if kind == "reference":
-                reference, reference_key = table, key
-            results[role] = result
-            continue
-        if role == "quantized" and not stage.evaluate.use_gpu and not cpu_runs_gptq():
-            # teacher-forced figures only (transformers runs GPTQ on any CPU); not cached, so a machine that can
-            # generate with it evaluates it in full
-            print(f"evaluate: {role} ({path}): {NO_GPTQ_KERNEL}; scored teacher-forced only", flush=True)
-            result = dict(NOT_GENERATED, generation_skipped=NO_GPTQ_KERNEL)
-            max_seq_len = stage.evaluate.max_prompt_tokens + stage.evaluate.max_response_tokens
-            result.update(teacher_forced(stage, model, reference, max_seq_len), path=path,
-                          parameters=count_parameters(model.name_or_path, model.revision), weights_mb=weights_mb(model),
-                          evaluated_at=time.strftime("%Y-%m-%d %H:%M:%S"), reused=False)
-            results[role] = result
-            continue
-        print(f"evaluate: {role} ({path})", flush=True)
-        table = generate(stage, model, heldout)
-        result = generation_metrics(table, answers, model, stage.evaluate.metric)
-        if kind == "reference":  # the teacher: the reference itself
-            reference, reference_key = table.filter(pc.is_null(table["reason"])), key
+            print(f"evaluate: {role} ({paths[role]}) unchanged since {result['evaluated_at']}: results reused",
+                  flush=True)
+            if role == teacher:
+                reference = table
+            done(role, dict(result, reused=True))
+    todo = [role for role in models if role not in results]
+    # on a CPU without a 4-bit GPTQ kernel: teacher-forced figures only (transformers runs GPTQ on any CPU); not
+    # cached, so a machine that can generate with it evaluates it in full
+    no_kernel = [role for role in todo if role == "quantized" and not stage.evaluate.use_gpu and not cpu_runs_gptq()]
+    for role in todo:
+        print(f"evaluate: {role} ({paths[role]})" + (f": {NO_GPTQ_KERNEL}; scored teacher-forced only"
+                                                     if role in no_kernel else ""), flush=True)
+    fresh = {role: dict(NOT_GENERATED, generation_skipped=NO_GPTQ_KERNEL) for role in no_kernel}
+    to_generate = {role: models[role] for role in todo if role not in no_kernel}
+    for role, table in (generate(stage, to_generate, heldout) if to_generate else {}).items():
+        fresh[role] = generation_metrics(table, answers, models[role], stage.evaluate.metric)
+        if role == teacher:  # the reference itself
+            reference = table.filter(pc.is_null(table["reason"]))
             tokens = pc.sum(pc.list_value_length(reference["response_ids"])).as_py() or 0
             logprob = sum(sum(x) for x in reference["token_logprob"].to_pylist())
-            result.update(top1_agreement=1.0, kl_to_teacher=0.0, scored_tokens=tokens,
-                          perplexity=math.exp(-logprob / tokens) if tokens else None)
-        else:
-            max_seq_len = stage.evaluate.max_prompt_tokens + stage.evaluate.max_response_tokens
-            result.update(teacher_forced(stage, model, reference, max_seq_len))
-        result.update(path=path, parameters=count_parameters(model.name_or_path, model.revision), weights_mb=weights_mb(model),
-                      evaluated_at=time.strftime("%Y-%m-%d %H:%M:%S"))
-        _store(cache, key, result, reference if kind == "reference" else None)
-        results[role] = dict(result, reused=False)
+            fresh[role].update(top1_agreement=1.0, kl_to_teacher=0.0, scored_tokens=tokens,
+                               perplexity=math.exp(-logprob / tokens) if tokens else None)
+    to_score = {role: models[role] for role in todo if role != teacher}
+    if to_score:
+        max_seq_len = stage.evaluate.max_prompt_tokens + stage.evaluate.max_response_tokens
+        for role, figures_of in teacher_forced(stage, to_score, reference, max_seq_len).items():
+            fresh[role].update(figures_of)
+    for role in todo:
+        result = fresh[role]
+        result.update(path=paths[role], parameters=count_parameters(models[role].name_or_path, models[role].revision),
+                      weights_mb=weights_mb(models[role]), evaluated_at=time.strftime("%Y-%m-%d %H:%M:%S"))
+        if role not in no_kernel:
+            _store(cache, keys[role], result, reference if role == teacher else None)
+        done(role, dict(result, reused=False))
+    results = {role: results[role] for role in models}  # in the models' order, whichever came first
     bar.close()
     goals = check_goals(results, stage.evaluate.goals)
     summary = {"models": results, "goals": goals, "heldout": str(heldout), "rows": len(answers)}
@@ -286,11 +311,3 @@ def run(cfg: Any) -> dict[str, Any]:
     report = write_report(summary, out)
     show(report.read_text())
     return summary
-
-
-def _ticking(items, bar, figures: Recorder):
-    """`items`, advancing the progress display and the live figure each time one has been dealt with."""
-    for done, item in enumerate(items, 1):
-        yield item
-        bar.update(1)
-        figures.set("evaluate_models_done", done)

@@ -124,16 +124,31 @@ class VLLMGenerator:
     role = "teacher"  # the model it runs, as refusals name it
 
     def __init__(self, spec: EngineSpec):
-        if spec.in_process:  # engine core and worker in this actor: no two processes that import torch and vLLM
+        self.spec = spec
+        self.actor = f"{socket.gethostname()}:{os.getpid()}"
+        self.load()
+
+    def load(self) -> None:
+        """Start the engine (again, after `release`)."""
+        if self.spec.in_process:  # engine core and worker in this actor: no two processes that import torch and vLLM
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM
 
         from pipeline import storage
 
-        storage.fetched(spec.model)  # a model in a URI run root's mirror, on this actor's node
-        self.spec = spec
-        self.llm = LLM(**engine_kwargs(spec))
-        self.actor = f"{socket.gethostname()}:{os.getpid()}"
+        storage.fetched(self.spec.model)  # a model in a URI run root's mirror, on this actor's node
+        self.llm = LLM(**engine_kwargs(self.spec))
+
+    def release(self) -> None:
+        """Stop the engine and give back its memory (device memory included), as vLLM does between the engines it
+        starts one after another in one process; `load` starts it again."""
+        if getattr(self, "llm", None) is None:
+            return
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        self.llm = None
+        gc.collect()
+        cleanup_dist_env_and_memory()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -184,8 +199,8 @@ class VLLMGenerator:
 
     def __del__(self):
         # Without this an engine worker process (GBs) outlives the actor when Ray Data retires it.
-        if hasattr(self, "llm"):
-            del self.llm
+        if getattr(self, "llm", None) is not None:
+            self.llm = None
             gc.collect()
 
 

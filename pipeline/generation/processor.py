@@ -6,12 +6,17 @@ student sampling to come all run through it; they differ only in their spec.
 
     process = build_processor(spec, ledger)
     ds = process(read_corpus(paths))   # LABELED_SCHEMA rows (+ what the actor adds), `reason` set where refused
+
+Several models over the same rows (evaluate) share one pool whose actors load the models one after another
+(`build_models_processor`): each row is prepared once per model and tagged with its name (`model`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from pipeline.generation.engine import EngineSpec, VLLMGenerator, reference_labels
@@ -35,9 +40,10 @@ class ProcessorSpec:
     actor_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
-def read_corpus(paths: list[str]) -> "ray.data.Dataset":
-    """jsonl and Parquet corpus files (any pyarrow filesystem) as raw rows with their source and line."""
-    return ray.data.read_datasource(CorpusDatasource(paths))
+def read_corpus(paths: list[str], blocks: int | None = None) -> "ray.data.Dataset":
+    """jsonl and Parquet corpus files (any pyarrow filesystem) as raw rows with their source and line; `blocks`: as
+    many read tasks (and no splitting of their output), e.g. 1 to keep a small file's rows in one block."""
+    return ray.data.read_datasource(CorpusDatasource(paths), override_num_blocks=blocks)
 
 
 def build_processor(spec: ProcessorSpec, ledger=None) -> Callable[["ray.data.Dataset"], "ray.data.Dataset"]:
@@ -63,3 +69,63 @@ def build_processor(spec: ProcessorSpec, ledger=None) -> Callable[["ray.data.Dat
                               num_cpus=spec.num_cpus_per_actor, num_gpus=spec.num_gpus_per_actor)
 
     return process
+
+
+def build_models_processor(specs: dict[str, ProcessorSpec]) -> Callable[["ray.data.Dataset"], "ray.data.Dataset"]:
+    """`build_processor` for several models (name → spec) over the same rows, through one actor pool whose actors
+    load the models one after another (`ModelSwitcher`) rather than one pool started per model. Measured here for
+    the tiny models: a new vLLM actor costs about 15 s of CPU before its first rows (importing vLLM, the engine, the
+    first batch's set-up) against about 3 s to load another model into a running one; on a GPU node the start also
+    pays CUDA's initialization. Each read block is prepared whole, once per model (its tokenizer and limits), and
+    goes on in model order, so an actor switches model about once per model and read block: read a small file as one
+    block (`read_corpus(paths, blocks=1)`). The pool (concurrency, CPUs) is the first spec's; each actor holds the
+    most GPUs any of the models spans. Output rows carry `model`."""
+    first = next(iter(specs.values()))
+    if any(spec.engine.mode == "reference" for spec in specs.values()):
+        raise ValueError("reference mode runs no engine: build_processor takes it, one spec at a time")
+
+    def process(ds: "ray.data.Dataset") -> "ray.data.Dataset":
+        ds = ds.map_batches(prepare_for_models, fn_kwargs={"specs": {name: s.prepare for name, s in specs.items()}},
+                            batch_format="pyarrow", batch_size=None, num_cpus=0.5)
+        ds = ds.repartition(target_num_rows_per_block=first.batch_size)  # as in build_processor
+        lo, hi = first.concurrency
+        return ds.map_batches(ModelSwitcher, fn_constructor_kwargs={"specs": specs}, batch_format="pyarrow",
+                              batch_size=first.batch_size, compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
+                              num_cpus=first.num_cpus_per_actor,
+                              num_gpus=max(spec.num_gpus_per_actor for spec in specs.values()))
+
+    return process
+
+
+def prepare_for_models(batch: pa.Table, specs: dict) -> pa.Table:
+    """RAW rows in; each row prepared for every model (name → `PrepareSpec`), in model order, with `model`."""
+    return pa.concat_tables([prepare_batch(batch, spec).append_column("model", pa.array([name] * batch.num_rows))
+                             for name, spec in specs.items()])
+
+
+class ModelSwitcher:
+    """Ray Data UDF: prepared rows of several models (`model`) in, each part run by its model's actor (the spec's
+    `actor`, e.g. a `VLLMGenerator`), made on first use; one engine is loaded at a time, the others released (their
+    actor's state, such as timings, is kept for when the model comes back)."""
+
+    def __init__(self, specs: dict[str, ProcessorSpec]):
+        self.specs, self.actors, self.current = specs, {}, None
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        parts = []
+        for name in dict.fromkeys(batch.column("model").to_pylist()):  # the models in the order they come
+            actor = self._switch(name)
+            part = actor(batch.filter(pc.equal(batch["model"], name)).drop_columns(["model"]))
+            parts.append(part.append_column("model", pa.array([name] * part.num_rows)))
+        return pa.concat_tables(parts)
+
+    def _switch(self, name: str):
+        if name != self.current and self.current is not None:
+            self.actors[self.current].release()
+        spec = self.specs[name]
+        if name not in self.actors:
+            self.actors[name] = spec.actor(spec.engine, **spec.actor_kwargs)
+        elif name != self.current:
+            self.actors[name].load()
+        self.current = name
+        return self.actors[name]
