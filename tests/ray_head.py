@@ -14,10 +14,10 @@ from pathlib import Path
 
 
 def start_head(extra_env: dict[str, str], free_port, num_cpus: int = 2,
-               worker_nodes: dict | None = None) -> tuple[str, str, dict[str, str], Path, int, int]:
+               worker_nodes: dict | None = None) -> tuple[str, str, dict[str, str], Path, int, int, str]:
     """Start a head of `num_cpus` CPUs; returns (the `ray` CLI, the dashboard address jobs are submitted to, the
     environment the CLI and every process of the head run with, the head's temp dir, its Ray Client server's port,
-    the port on which it serves its metrics to Prometheus).
+    the port on which it serves its metrics to Prometheus, the GCS address a driver joins it at as `RAY_ADDRESS`).
 
     `worker_nodes` (autoscaler node types: resources, min_workers, max_workers) makes it an autoscaling cluster of
     fake nodes, as Ray's `ray.cluster_utils.AutoscalingCluster` starts one: the head runs the autoscaler with Ray's
@@ -59,7 +59,7 @@ def start_head(extra_env: dict[str, str], free_port, num_cpus: int = 2,
     except BaseException:
         stop_head(temp_dir, client)
         raise
-    return ray_bin, address, env, temp_dir, client, metrics
+    return ray_bin, address, env, temp_dir, client, metrics, f"127.0.0.1:{gcs}"
 
 
 def autoscaling_config(head_cpus: int, worker_nodes: dict, gcs_address: str) -> dict:

@@ -34,20 +34,21 @@ TRAININGS = {
 
 
 @pytest.fixture(scope="module")
-def preference(chain):
+def preference(chain, ray_head):
     root, args, _, hub = chain
     uri = next(a for a in args if a.startswith("paths.run_root=")).split("=", 1)[1]
     # the teacher the chain trained, as run.py derives it for its stages
     mine = [a for a in args if not a.startswith(("teacher.name_or_path=", "teacher.revision=", "teacher.build=",
                                                  "deepspeed=", "train.loss_chunk_tokens=", "train.lr="))]
     mine += [f"teacher.name_or_path={root}/teacher_sft/student/model", "teacher.revision=null", "teacher.build=null"]
-    sampled = run_job("sample.py", *mine, env=hub["env"])
-    paired = run_job("pairs.py", *mine, env=hub["env"])
+    # each driver joins the session's Ray head as on a cluster (conftest's `start_job`)
+    sampled = run_job("sample.py", *mine, env=hub["env"], head=ray_head)
+    paired = run_job("pairs.py", *mine, env=hub["env"], head=ray_head)
     student = [f"student.name_or_path={root}/samples/student", "student.revision=null", "student.build=null"]
     # one after another: three at once took longer on two cores (157 s against about 145 s)
     trained = {name: run_job("train.py", *mine, *overrides, *(student if name == "onpolicy" else []),
                              "train.checkpoint_every=50", f"paths.student_dir={uri}/student_{name}",
-                             f"paths.train_storage={uri}/train_{name}", env=hub["env"])
+                             f"paths.train_storage={uri}/train_{name}", env=hub["env"], head=ray_head)
                for name, overrides in TRAININGS.items()}
     return root, mine, hub, sampled, paired, trained
 

@@ -121,14 +121,15 @@ def test_lora_merge_gives_the_logits_of_base_plus_adapter(run_root, tmp_path):
     assert not torch.allclose(without, want, atol=1e-3)  # the adapter does change the model
 
 
-def test_gate_stops_a_broken_quantization(run_root, tmp_path):
+def test_gate_stops_a_broken_quantization(run_root, tmp_path, ray_head):
     """2-bit GPTQ of a LoRA student (merged by the stage first): the stage exits 2 with one sentence and
-    publishes nothing; the rejected model keeps its figures."""
+    publishes nothing; the rejected model keeps its figures. Its driver joins the session's Ray head (`start_job`)."""
     root = tmp_path / "run"
     root.mkdir()
     (root / "labels").symlink_to(run_root / "labels")
     _lora_student(run_root / "student" / "model", root / "student", scale=0.05)
-    proc = run_job("quantize.py", "debug=tiny", f"paths.run_root={root}", "quantize=gptq_w2", check=False)
+    proc = run_job("quantize.py", "debug=tiny", f"paths.run_root={root}", "quantize=gptq_w2", check=False,
+                   head=ray_head)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "failed the quality gate" in proc.stderr and "Traceback" not in proc.stderr
     assert "merging the LoRA adapter" in proc.stdout + proc.stderr

@@ -219,14 +219,15 @@ def test_the_steps_display_ends_at_the_last_step_written(tmp_path, capsys):
     assert "train: steps: 100%" in capsys.readouterr().err
 
 
-def test_online_terms_and_galore_train_under_ray_train(killed_run):
+def test_online_terms_and_galore_train_under_ray_train(killed_run, ray_head):
     """Every online term at once (loss=kd_online: top-k KD on the labels, full-vocabulary KD, hidden states through a
     learned projection from the student's width 64 to the teacher's 128, attention maps of 2 student heads against 4
     teacher heads, averaged) with the teacher partitioned by ZeRO-3 across 2 Ray Train workers, and GaLore (rank 8 =
     width/8, its update at full scale so that 36 steps move the attention) training the full student without ZeRO
     partitioning. Each term is logged and falls; the projections are saved beside a student that transformers loads
     without them, and reload. It runs on the killed run's root (after the tests above) with train.overwrite=true:
-    those checkpoints and outputs are removed and the run starts over."""
+    those checkpoints and outputs are removed and the run starts over. Its driver joins the session's Ray head as on a
+    cluster (conftest's `start_job`)."""
     from pipeline.train.online import load_projections
 
     run_root = killed_run[0]
@@ -236,7 +237,7 @@ def test_online_terms_and_galore_train_under_ray_train(killed_run):
                    "train.optimizer=galore", "train.galore.rank=8", "train.galore.update_proj_gap=10",
                    "train.galore.scale=1", "train.overwrite=true",
                    "deepspeed=none", "train.teacher_placement=zero3", "train.epochs=4", "train.lr=2e-2",
-                   "train.checkpoint_every=100")
+                   "train.checkpoint_every=100", head=ray_head)
     assert "train: starting over (train.overwrite=true; changed: " in proc.stdout, proc.stdout[-3000:]
     assert not old & {p.name for p in (run_root / "train" / "train").glob("checkpoint_*") if p.is_dir()}
     assert "online teacher" in proc.stdout and "(zero3)" in proc.stdout, proc.stdout[-3000:]
