@@ -278,28 +278,29 @@ def run(cfg: Any) -> dict[str, Any]:
     for role in todo:
         print(f"evaluate: {role} ({paths[role]})" + (f": {NO_GPTQ_KERNEL}; scored teacher-forced only"
                                                      if role in no_kernel else ""), flush=True)
-    fresh = {role: dict(NOT_GENERATED, generation_skipped=NO_GPTQ_KERNEL) for role in no_kernel}
-    to_generate = {role: models[role] for role in todo if role not in no_kernel}
-    for role, table in (generate(stage, to_generate, heldout) if to_generate else {}).items():
-        fresh[role] = generation_metrics(table, answers, models[role], stage.evaluate.metric)
-        if role == teacher:  # the reference itself
-            reference = table.filter(pc.is_null(table["reason"]))
-            tokens = pc.sum(pc.list_value_length(reference["response_ids"])).as_py() or 0
-            logprob = sum(sum(x) for x in reference["token_logprob"].to_pylist())
-            fresh[role].update(top1_agreement=1.0, kl_to_teacher=0.0, scored_tokens=tokens,
-                               perplexity=math.exp(-logprob / tokens) if tokens else None)
-    to_score = {role: models[role] for role in todo if role != teacher}
-    if to_score:
-        max_seq_len = stage.evaluate.max_prompt_tokens + stage.evaluate.max_response_tokens
-        for role, figures_of in teacher_forced(stage, to_score, reference, max_seq_len).items():
-            fresh[role].update(figures_of)
-    for role in todo:
-        result = fresh[role]
+    def finish(role: str, result: dict[str, Any]) -> None:
         result.update(path=paths[role], parameters=count_parameters(models[role].name_or_path, models[role].revision),
                       weights_mb=weights_mb(models[role]), evaluated_at=time.strftime("%Y-%m-%d %H:%M:%S"))
         if role not in no_kernel:
             _store(cache, keys[role], result, reference if role == teacher else None)
         done(role, dict(result, reused=False))
+
+    fresh = {role: dict(NOT_GENERATED, generation_skipped=NO_GPTQ_KERNEL) for role in no_kernel}
+    to_generate = {role: models[role] for role in todo if role not in no_kernel}
+    for role, table in (generate(stage, to_generate, heldout) if to_generate else {}).items():
+        fresh[role] = generation_metrics(table, answers, models[role], stage.evaluate.metric)
+        if role == teacher:  # the reference itself: done once generated
+            reference = table.filter(pc.is_null(table["reason"]))
+            tokens = pc.sum(pc.list_value_length(reference["response_ids"])).as_py() or 0
+            logprob = sum(sum(x) for x in reference["token_logprob"].to_pylist())
+            fresh[role].update(top1_agreement=1.0, kl_to_teacher=0.0, scored_tokens=tokens,
+                               perplexity=math.exp(-logprob / tokens) if tokens else None)
+            finish(role, fresh[role])
+    to_score = {role: models[role] for role in todo if role != teacher}
+    if to_score:
+        max_seq_len = stage.evaluate.max_prompt_tokens + stage.evaluate.max_response_tokens
+        for role, figures_of in teacher_forced(stage, to_score, reference, max_seq_len).items():
+            finish(role, {**fresh[role], **figures_of})
     results = {role: results[role] for role in models}  # in the models' order, whichever came first
     bar.close()
     goals = check_goals(results, stage.evaluate.goals)
