@@ -248,6 +248,24 @@ def user_errors():
         raise
 
 
+def leave() -> None:
+    """End an entrypoint's process once its Hydra `main` has returned: non-daemon threads are waited for and the exit
+    handlers run (Ray's shutdown, the console's last lines, logging's flush), as at any exit; then the process ends
+    without the interpreter's teardown of every loaded module, which serves a process about to end nothing and
+    takes a stage driver 1.2 s of CPU with torch, transformers and Ray loaded (0.04 s this way; measured here).
+    An entrypoint that fails or is interrupted ends the usual way (`sys.exit`) before it gets here."""
+    import atexit
+
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # what interpreter shutdown runs first; Python has no public call for it
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(0)
+
+
 def interrupt_and_wait(proc, timeout: float = 90, group: bool = False) -> int:
     """Stop a long-running entrypoint as Ctrl-C would (SIGINT, so it shuts its engines down cleanly); kill its
     process group if it has not exited after `timeout` seconds. `proc` must lead its own process group

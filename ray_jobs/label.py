@@ -24,3 +24,6 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     main()
+    from pipeline.runtime import leave
+
+    leave()  # without the interpreter's teardown of every module
