@@ -23,7 +23,7 @@ import math
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -99,14 +99,17 @@ def models_to_evaluate(stage: EvaluateStage) -> dict[str, ModelConfig]:
     return models
 
 
-def generate(stage: EvaluateStage, models: dict[str, ModelConfig], heldout: Path) -> dict[str, pa.Table]:
-    """role → greedy responses with top-k logprobs for every held-out row, through Ray Data and one pool of vLLM
-    actors that load the models one after another (`build_models_processor`; each actor spans the most GPUs any
-    model's tensor_parallel_size asks for, with evaluate.use_gpu)."""
+def generate(stage: EvaluateStage, models: dict[str, ModelConfig], heldout: Path,
+             generated: Callable[[str, pa.Table], None]) -> None:
+    """Greedy responses with top-k logprobs for every held-out row, through Ray Data and one pool of vLLM actors that
+    load the models one after another (`build_models_processor`; each actor spans the most GPUs any model's
+    tensor_parallel_size asks for, with evaluate.use_gpu). `generated(role, table)` is called for each model as soon
+    as all its rows are in (the rows come in model order), so what is finished is kept if a later model fails."""
     from pipeline.evaluate.workers import TimedGenerator
     from pipeline.generation.engine import EngineSpec
     from pipeline.generation.prepare import PrepareSpec
     from pipeline.generation.processor import ProcessorSpec, build_models_processor, read_corpus
+    from pipeline.generation.reader import count_rows
     from pipeline.runtime import Ask, require_resources
 
     ev = stage.evaluate
@@ -130,9 +133,19 @@ def generate(stage: EvaluateStage, models: dict[str, ModelConfig], heldout: Path
                                     actor_kwargs={"latency_requests": ev.latency_requests})
     # fresh held-out rows (nothing to resume), read as one block so that each actor loads each model once
     ds = build_models_processor(specs)(read_corpus([str(heldout)], blocks=1))
-    table = pa.concat_tables(list(ds.iter_batches(batch_size=None, batch_format="pyarrow")))
-    return {role: table.filter(pc.equal(table["model"], role)).drop_columns(["model"]).sort_by("line")
-            for role in models}
+    rows = count_rows([str(heldout)])  # each model's rows, refused ones included
+    parts: dict[str, list[pa.Table]] = {role: [] for role in models}
+
+    def complete(role: str) -> None:
+        generated(role, pa.concat_tables(parts.pop(role)).sort_by("line"))
+
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for role in dict.fromkeys(batch.column("model").to_pylist()):
+            parts[role].append(batch.filter(pc.equal(batch["model"], role)).drop_columns(["model"]))
+            if sum(part.num_rows for part in parts[role]) == rows:
+                complete(role)
+    for role in list(parts):  # a held-out file not counted here (a URI)
+        complete(role)
 
 
 def generation_metrics(table: pa.Table, answers: dict[int, str], model: ModelConfig, metric: str) -> dict[str, Any]:
@@ -247,6 +260,7 @@ def run(cfg: Any) -> dict[str, Any]:
     bar = progress(desc="evaluate: models", unit="model", total=len(models))
     figures = Recorder("evaluate", Path(stage.paths.run_root).name)
     figures.set("evaluate_models", len(models))
+    results: dict[str, dict[str, Any]] = {}
 
     def done(role: str, result: dict[str, Any]) -> None:
         results[role] = result
@@ -258,7 +272,6 @@ def run(cfg: Any) -> dict[str, Any]:
     keys = {teacher: cache_key("reference", models[teacher], stage, heldout, None)}
     keys.update({role: cache_key("scored", model, stage, heldout, keys[teacher]) for role, model in models.items()
                  if role != teacher})
-    results: dict[str, dict[str, Any]] = {}
     reference = None
     paths = {role: model.name_or_path + (f"@{model.revision[:12]}" if model.revision else "")
              for role, model in models.items()}
@@ -278,6 +291,7 @@ def run(cfg: Any) -> dict[str, Any]:
     for role in todo:
         print(f"evaluate: {role} ({paths[role]})" + (f": {NO_GPTQ_KERNEL}; scored teacher-forced only"
                                                      if role in no_kernel else ""), flush=True)
+
     def finish(role: str, result: dict[str, Any]) -> None:
         result.update(path=paths[role], parameters=count_parameters(models[role].name_or_path, models[role].revision),
                       weights_mb=weights_mb(models[role]), evaluated_at=time.strftime("%Y-%m-%d %H:%M:%S"))
@@ -285,22 +299,26 @@ def run(cfg: Any) -> dict[str, Any]:
             _store(cache, keys[role], result, reference if role == teacher else None)
         done(role, dict(result, reused=False))
 
-    fresh = {role: dict(NOT_GENERATED, generation_skipped=NO_GPTQ_KERNEL) for role in no_kernel}
-    to_generate = {role: models[role] for role in todo if role not in no_kernel}
-    for role, table in (generate(stage, to_generate, heldout) if to_generate else {}).items():
+    def generated(role: str, table: pa.Table) -> None:
+        nonlocal reference
         fresh[role] = generation_metrics(table, answers, models[role], stage.evaluate.metric)
-        if role == teacher:  # the reference itself: done once generated
+        if role == teacher:  # the reference itself: done (and kept) once generated
             reference = table.filter(pc.is_null(table["reason"]))
             tokens = pc.sum(pc.list_value_length(reference["response_ids"])).as_py() or 0
             logprob = sum(sum(x) for x in reference["token_logprob"].to_pylist())
             fresh[role].update(top1_agreement=1.0, kl_to_teacher=0.0, scored_tokens=tokens,
                                perplexity=math.exp(-logprob / tokens) if tokens else None)
             finish(role, fresh[role])
+
+    fresh = {role: dict(NOT_GENERATED, generation_skipped=NO_GPTQ_KERNEL) for role in no_kernel}
+    to_generate = {role: models[role] for role in todo if role not in no_kernel}
+    if to_generate:
+        generate(stage, to_generate, heldout, generated)
     to_score = {role: models[role] for role in todo if role != teacher}
     if to_score:
         max_seq_len = stage.evaluate.max_prompt_tokens + stage.evaluate.max_response_tokens
-        for role, figures_of in teacher_forced(stage, to_score, reference, max_seq_len).items():
-            finish(role, {**fresh[role], **figures_of})
+        for role, scores in teacher_forced(stage, to_score, reference, max_seq_len).items():
+            finish(role, {**fresh[role], **scores})
     results = {role: results[role] for role in models}  # in the models' order, whichever came first
     bar.close()
     goals = check_goals(results, stage.evaluate.goals)

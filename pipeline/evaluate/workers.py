@@ -8,6 +8,7 @@ and returns each model's metric sums of `pipeline.metrics`.
 """
 from __future__ import annotations
 
+import gc
 import time
 
 import numpy as np
@@ -78,7 +79,8 @@ class Scorer:
 
         if name == self.current:
             return self.model
-        self.model = None  # the one loaded before goes first
+        self.model, self.current = None, None  # the one loaded before goes first
+        gc.collect()
         if self.use_gpu:
             torch.cuda.empty_cache()
         path, revision, dtype = self.models[name]

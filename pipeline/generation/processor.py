@@ -42,7 +42,8 @@ class ProcessorSpec:
 
 def read_corpus(paths: list[str], blocks: int | None = None) -> "ray.data.Dataset":
     """jsonl and Parquet corpus files (any pyarrow filesystem) as raw rows with their source and line; `blocks`: as
-    many read tasks (and no splitting of their output), e.g. 1 to keep a small file's rows in one block."""
+    many read tasks, their output not split further (the reader still cuts a file every 4,096 rows), e.g. 1 to keep
+    a small file's rows in one block."""
     return ray.data.read_datasource(CorpusDatasource(paths), override_num_blocks=blocks)
 
 
@@ -77,9 +78,10 @@ def build_models_processor(specs: dict[str, ProcessorSpec]) -> Callable[["ray.da
     the tiny models: a new vLLM actor costs about 15 s of CPU before its first rows (importing vLLM, the engine, the
     first batch's set-up) against about 3 s to load another model into a running one; on a GPU node the start also
     pays CUDA's initialization. Each read block is prepared whole, once per model (its tokenizer and limits), and
-    goes on in model order, so an actor switches model about once per model and read block: read a small file as one
-    block (`read_corpus(paths, blocks=1)`). The pool (concurrency, CPUs) is the first spec's; each actor holds the
-    most GPUs any of the models spans. Output rows carry `model`."""
+    goes on in model order, so an actor switches model about once per model and read block (4,096 rows at most):
+    read a small file as one block (`read_corpus(paths, blocks=1)`). The pool (concurrency, CPUs) is the first spec's;
+    each actor holds the most GPUs any of the models spans, so a 1-GPU model among tensor-parallel ones runs on
+    actors of the larger size. Output rows carry `model`."""
     first = next(iter(specs.values()))
     if any(spec.engine.mode == "reference" for spec in specs.values()):
         raise ValueError("reference mode runs no engine: build_processor takes it, one spec at a time")
@@ -99,8 +101,9 @@ def build_models_processor(specs: dict[str, ProcessorSpec]) -> Callable[["ray.da
 
 def prepare_for_models(batch: pa.Table, specs: dict) -> pa.Table:
     """RAW rows in; each row prepared for every model (name → `PrepareSpec`), in model order, with `model`."""
-    return pa.concat_tables([prepare_batch(batch, spec).append_column("model", pa.array([name] * batch.num_rows))
-                             for name, spec in specs.items()])
+    parts = [prepare_batch(batch, spec) for spec in specs.values()]
+    return pa.concat_tables([part.append_column("model", pa.array([name] * part.num_rows, pa.string()))
+                             for name, part in zip(specs, parts)])
 
 
 class ModelSwitcher:
@@ -116,12 +119,13 @@ class ModelSwitcher:
         for name in dict.fromkeys(batch.column("model").to_pylist()):  # the models in the order they come
             actor = self._switch(name)
             part = actor(batch.filter(pc.equal(batch["model"], name)).drop_columns(["model"]))
-            parts.append(part.append_column("model", pa.array([name] * part.num_rows)))
+            parts.append(part.append_column("model", pa.array([name] * part.num_rows, pa.string())))
         return pa.concat_tables(parts)
 
     def _switch(self, name: str):
         if name != self.current and self.current is not None:
             self.actors[self.current].release()
+            self.current = None  # until the next one has loaded
         spec = self.specs[name]
         if name not in self.actors:
             self.actors[name] = spec.actor(spec.engine, **spec.actor_kwargs)
