@@ -256,14 +256,18 @@ def leave() -> None:
     An entrypoint that fails or is interrupted ends the usual way (`sys.exit`) before it gets here."""
     import atexit
 
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
-    atexit._run_exitfuncs()  # what interpreter shutdown runs first; Python has no public call for it
+    # what interpreter shutdown runs first, in its order (threading's exit hooks, such as concurrent.futures'
+    # stopping its idle workers, then the non-daemon threads joined; then the exit handlers); Python has no public
+    # call for either
+    threading._shutdown()
+    atexit._run_exitfuncs()
+    code = 0
     for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
+        try:
             stream.flush()
-    os._exit(0)
+        except Exception:  # noqa: BLE001 - as Python itself exits when its streams cannot be flushed
+            code = 120
+    os._exit(code)
 
 
 def interrupt_and_wait(proc, timeout: float = 90, group: bool = False) -> int:
