@@ -108,7 +108,7 @@ def generate(stage: EvaluateStage, models: dict[str, ModelConfig], heldout: Path
     from pipeline.evaluate.workers import TimedGenerator
     from pipeline.generation.engine import EngineSpec
     from pipeline.generation.prepare import PrepareSpec
-    from pipeline.generation.processor import ProcessorSpec, build_models_processor, read_corpus
+    from pipeline.generation.processor import ProcessorSpec, build_models_processor, read_corpus, split_by_model
     from pipeline.generation.reader import count_rows
     from pipeline.runtime import Ask, require_resources
 
@@ -135,14 +135,16 @@ def generate(stage: EvaluateStage, models: dict[str, ModelConfig], heldout: Path
     ds = build_models_processor(specs)(read_corpus([str(heldout)], blocks=1))
     rows = count_rows([str(heldout)])  # each model's rows, refused ones included
     parts: dict[str, list[pa.Table]] = {role: [] for role in models}
+    seen = dict.fromkeys(models, 0)
 
     def complete(role: str) -> None:
         generated(role, pa.concat_tables(parts.pop(role)).sort_by("line"))
 
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for role in dict.fromkeys(batch.column("model").to_pylist()):
-            parts[role].append(batch.filter(pc.equal(batch["model"], role)).drop_columns(["model"]))
-            if sum(part.num_rows for part in parts[role]) == rows:
+        for role, part in split_by_model(batch):
+            parts[role].append(part)
+            seen[role] += part.num_rows
+            if seen[role] == rows:
                 complete(role)
     for role in list(parts):  # a held-out file not counted here (a URI)
         complete(role)

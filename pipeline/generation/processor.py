@@ -106,6 +106,12 @@ def prepare_for_models(batch: pa.Table, specs: dict) -> pa.Table:
                              for name, part in zip(specs, parts)])
 
 
+def split_by_model(batch: pa.Table) -> list[tuple[str, pa.Table]]:
+    """(model, its rows without the `model` column) for each model in `batch`, in the order they first come."""
+    return [(name, batch.filter(pc.equal(batch["model"], name)).drop_columns(["model"]))
+            for name in dict.fromkeys(batch.column("model").to_pylist())]
+
+
 class ModelSwitcher:
     """Ray Data UDF: prepared rows of several models (`model`) in, each part run by its model's actor (the spec's
     `actor`, e.g. a `VLLMGenerator`), made on first use; one engine is loaded at a time, the others released (their
@@ -116,9 +122,8 @@ class ModelSwitcher:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         parts = []
-        for name in dict.fromkeys(batch.column("model").to_pylist()):  # the models in the order they come
-            actor = self._switch(name)
-            part = actor(batch.filter(pc.equal(batch["model"], name)).drop_columns(["model"]))
+        for name, rows in split_by_model(batch):
+            part = self._switch(name)(rows)
             parts.append(part.append_column("model", pa.array([name] * part.num_rows, pa.string())))
         return pa.concat_tables(parts)
 
