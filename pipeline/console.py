@@ -191,6 +191,13 @@ def route(log_path: Path) -> None:
         _router.set_log(Path(log_path))
 
 
+def close() -> None:
+    """Deliver the last lines and give the terminal its descriptors back now (as at exit), for a process that ends
+    without its exit handlers."""
+    if _router is not None:
+        _router.stop()
+
+
 def log_path() -> Path | None:
     """The log file this process writes to, if its output is routed."""
     return _router.path if _router else None

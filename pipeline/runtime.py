@@ -150,8 +150,9 @@ def entrypoint(cfg, name: str):
 
     A terminal sends Ctrl-C to its whole foreground process group, the embedded Ray's workers and engines included,
     so the error the driver sees first may be a worker's death rather than its own KeyboardInterrupt: once a signal
-    has arrived, whatever ends the run is treated as the interruption. Ray is then shut down (with a time limit) and
-    whatever this process started is killed, so nothing of the run is left behind; exit code 130."""
+    has arrived, whatever ends the run is treated as the interruption. A joined driver then disconnects from its
+    cluster (with a time limit); a driver that started an embedded Ray exits first and what it started is killed
+    right after (`_kill_after_exit`), so nothing of the run is left behind; exit code 130."""
     import signal
     from pathlib import Path
 
@@ -196,11 +197,79 @@ def entrypoint(cfg, name: str):
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C does not cut the shutdown short
         print(f"{name}: interrupted ({signal.Signals(received[0]).name}); stopping Ray and everything this run "
               "started", file=sys.stderr, flush=True)
-        within(shutdown_ray, 15)
+        stopped = f"{name}: stopped; the same command continues from what this run finished"
+        started = _started_here()
+        if started:  # an embedded Ray: this process leaves first, then what it started is killed
+            _kill_after_exit(started)
+            print(stopped, file=sys.stderr, flush=True)
+            _exit_without_ray(130)
+        within(shutdown_ray, 15)  # a joined cluster: the driver disconnects, the cluster stops the run's actors
         kill_children()
-        print(f"{name}: stopped; the same command continues from what this run finished", file=sys.stderr,
-              flush=True)
+        print(stopped, file=sys.stderr, flush=True)
         sys.exit(130)
+
+
+def _started_here() -> list:
+    import psutil
+
+    return psutil.Process().children(recursive=True)
+
+
+def _kill_after_exit(procs: list) -> None:
+    """Kill `procs` (an embedded Ray's processes, its workers and engines) once this process has exited, from a
+    process of a session of its own, so that a terminal's process group is not waited on for it.
+
+    Why not `ray.shutdown()` and then the children, as a joined driver does: with Ray 2.60 an embedded driver
+    interrupted this way can end itself with exit code 1 in the middle of `ray.shutdown()` (a call into its RPC server
+    after its core worker is gone: "The core worker process is not initialized yet or already shutdown", and Ray
+    exits the process), before this function's caller gets to kill what is left; and the raylet's dashboard agent,
+    orphaned when the raylet goes, then waits for a GCS that is gone and outlives the run (seen once on a loaded
+    2-core box, 30 s after Ctrl-C). Killed after this process has exited, nothing of the run can call back into it."""
+    import json
+    import subprocess
+
+    listed = []
+    for proc in procs:
+        try:
+            listed.append([proc.pid, proc.create_time()])
+        except Exception:  # noqa: BLE001 - gone already
+            pass
+    # waits for the end of its stdin (this process's exit closes it), then kills the listed processes still there
+    code = ("import json, sys, psutil\n"
+            "sys.stdin.read()\n"
+            "procs = []\n"
+            "for pid, created in json.loads(sys.argv[1]):\n"
+            "    try:\n"
+            "        proc = psutil.Process(pid)\n"
+            "        if proc.create_time() == created:\n"
+            "            procs.append(proc)\n"
+            "    except psutil.Error:\n"
+            "        pass\n"
+            "for proc in procs:\n"
+            "    try:\n"
+            "        proc.kill()\n"
+            "    except psutil.Error:\n"
+            "        pass\n"
+            "psutil.wait_procs(procs, timeout=10)\n")
+    global _undertaker
+    _undertaker = subprocess.Popen([sys.executable, "-c", code, json.dumps(listed)], stdin=subprocess.PIPE,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+_undertaker = None  # kept open until this process exits: its stdin's end is the signal
+
+
+def _exit_without_ray(code: int) -> None:
+    """Exit now with `code`, the last lines delivered (pipeline/console.py) and logging flushed, but without the exit
+    handlers that stop an embedded Ray (see `_kill_after_exit`)."""
+    from pipeline import console
+
+    console.close()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def _open_run_root(cfg, name: str):
