@@ -220,9 +220,10 @@ def _kill_after_exit(procs: list) -> None:
     process of a session of its own, so that a terminal's process group is not waited on for it.
 
     Why not `ray.shutdown()` and then the children, as a joined driver does: with Ray 2.60 an embedded driver
-    interrupted this way can end itself with exit code 1 in the middle of `ray.shutdown()` (a call into its RPC server
-    after its core worker is gone: "The core worker process is not initialized yet or already shutdown", and Ray
-    exits the process), before this function's caller gets to kill what is left; and the raylet's dashboard agent,
+    interrupted this way can end itself with exit code 1 in the middle of `ray.shutdown()` (whatever of Ray's in the
+    driver reaches its core worker once `ray.shutdown()` has removed it, Ray logs "The core worker process is not
+    initialized yet or already shutdown" and ends the process), before what is left is killed; and the raylet's
+    dashboard agent,
     orphaned when the raylet goes, then waits for a GCS that is gone and outlives the run (seen once on a loaded
     2-core box, 30 s after Ctrl-C). Killed after this process has exited, nothing of the run can call back into it."""
     import json
