@@ -210,54 +210,82 @@ def entrypoint(cfg, name: str):
 
 
 def _started_here() -> list:
+    """Every process under this one (an embedded Ray's, its workers', engines', HAProxy's)."""
     import psutil
 
     return psutil.Process().children(recursive=True)
 
 
+def _kill(procs: list, timeout: float) -> None:
+    import psutil
+
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=timeout)
+
+
+_undertaker = None  # kept open until this process exits: its stdin's end is the signal
+
+
 def _kill_after_exit(procs: list) -> None:
     """Kill `procs` (an embedded Ray's processes, its workers and engines) once this process has exited, from a
-    process of a session of its own, so that a terminal's process group is not waited on for it.
+    process of a session of its own (`_kill_listed`), so that a terminal's process group is not waited on for it.
 
     Why not `ray.shutdown()` and then the children, as a joined driver does: with Ray 2.60 an embedded driver
     interrupted this way can end itself with exit code 1 in the middle of `ray.shutdown()` (whatever of Ray's in the
     driver reaches its core worker once `ray.shutdown()` has removed it, Ray logs "The core worker process is not
     initialized yet or already shutdown" and ends the process), before what is left is killed; and the raylet's
-    dashboard agent,
-    orphaned when the raylet goes, then waits for a GCS that is gone and outlives the run (seen once on a loaded
-    2-core box, 30 s after Ctrl-C). Killed after this process has exited, nothing of the run can call back into it."""
+    dashboard agent, orphaned when the raylet goes, then waits for a GCS that is gone and outlives the run (seen once
+    on a loaded 2-core box, 30 s after Ctrl-C). Killed after this process has exited, nothing of the run can call
+    back into it."""
     import json
     import subprocess
+    from pathlib import Path
 
+    global _undertaker
     listed = []
     for proc in procs:
         try:
             listed.append([proc.pid, proc.create_time()])
         except Exception:  # noqa: BLE001 - gone already
             pass
-    # waits for the end of its stdin (this process's exit closes it), then kills the listed processes still there
-    code = ("import json, sys, psutil\n"
-            "sys.stdin.read()\n"
-            "procs = []\n"
-            "for pid, created in json.loads(sys.argv[1]):\n"
-            "    try:\n"
-            "        proc = psutil.Process(pid)\n"
-            "        if proc.create_time() == created:\n"
-            "            procs.append(proc)\n"
-            "    except psutil.Error:\n"
-            "        pass\n"
-            "for proc in procs:\n"
-            "    try:\n"
-            "        proc.kill()\n"
-            "    except psutil.Error:\n"
-            "        pass\n"
-            "psutil.wait_procs(procs, timeout=10)\n")
-    global _undertaker
+    root = str(Path(__file__).resolve().parents[1])
+    code = f"import sys; sys.path.insert(0, {root!r}); from pipeline.runtime import _kill_listed; _kill_listed()"
     _undertaker = subprocess.Popen([sys.executable, "-c", code, json.dumps(listed)], stdin=subprocess.PIPE,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
-_undertaker = None  # kept open until this process exits: its stdin's end is the signal
+def _kill_listed() -> None:
+    """`_kill_after_exit`'s process: waits for the end of its stdin (the driver's exit closes it), then kills the
+    processes of its argument ([pid, creation time], ...) that are still those."""
+    import json
+
+    import psutil
+
+    sys.stdin.read()
+    procs = []
+    for pid, created in json.loads(sys.argv[1]):
+        try:
+            proc = psutil.Process(pid)
+            if proc.create_time() == created:
+                procs.append(proc)
+        except psutil.Error:
+            pass
+    _kill(procs, timeout=10)
+
+
+def _flushed() -> bool:
+    """Flush stdout and stderr; False if one cannot be flushed."""
+    ok = True
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - reported by the caller's exit code
+            ok = False
+    return ok
 
 
 def _exit_without_ray(code: int) -> None:
@@ -267,9 +295,7 @@ def _exit_without_ray(code: int) -> None:
 
     console.close()
     logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
+    _flushed()
     os._exit(code)
 
 
@@ -331,13 +357,7 @@ def leave() -> None:
     # call for either
     threading._shutdown()
     atexit._run_exitfuncs()
-    code = 0
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:  # noqa: BLE001 - as Python itself exits when its streams cannot be flushed
-            code = 120
-    os._exit(code)
+    os._exit(0 if _flushed() else 120)  # 120: as Python itself exits when its streams cannot be flushed
 
 
 def interrupt_and_wait(proc, timeout: float = 90, group: bool = False) -> int:
@@ -403,12 +423,4 @@ def shutdown_ray() -> None:
 
 def kill_children() -> None:
     """Kill what is left under this process (an embedded Ray's workers, HAProxy, an engine core)."""
-    import psutil
-
-    children = psutil.Process().children(recursive=True)
-    for child in children:
-        try:
-            child.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(children, timeout=5)
+    _kill(_started_here(), timeout=5)
